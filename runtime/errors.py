@@ -1,0 +1,9 @@
+"""Errors meant for a person: the message says what was wrong and what to do."""
+
+
+class InputError(ValueError):
+    """Bad user input (image, prompt or a parameter out of range)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: missing, corrupt, unsafe or not matching the model."""
