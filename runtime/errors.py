@@ -4,6 +4,3 @@
 class InputError(ValueError):
     """Bad user input (image, prompt or a parameter out of range)."""
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded: missing, corrupt, unsafe or not matching the model."""
