@@ -1,0 +1,28 @@
+"""seed_everything: the same draws as pytorch_lightning.seed_everything, without importing it
+(importing pytorch_lightning costs ~3 s and pulls in torchvision).
+
+PL 2.x sets PL_GLOBAL_SEED and seeds Python's `random`, numpy and torch (CPU and every CUDA
+device, which torch.manual_seed does) and rejects seeds outside numpy's 0..2**32-1.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+
+MIN_SEED = 0
+MAX_SEED = 2**32 - 1
+
+
+def seed_everything(seed):
+    """Seed random, numpy and torch with `seed` (an int in 0..2**32-1); return the seed."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)
+    if not MIN_SEED <= seed <= MAX_SEED:
+        raise ValueError(f"seed {seed} is out of range: use {MIN_SEED}..{MAX_SEED}")
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed
