@@ -10,6 +10,8 @@ import random
 import numpy as np
 import torch
 
+from runtime.errors import InputError
+
 MIN_SEED = 0
 MAX_SEED = 2**32 - 1
 
@@ -17,10 +19,10 @@ MAX_SEED = 2**32 - 1
 def seed_everything(seed):
     """Seed random, numpy and torch with `seed` (an int in 0..2**32-1); return the seed."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+        raise InputError(f"seed must be an integer, got {seed!r}")
     seed = int(seed)
     if not MIN_SEED <= seed <= MAX_SEED:
-        raise ValueError(f"seed {seed} is out of range: use {MIN_SEED}..{MAX_SEED}")
+        raise InputError(f"seed {seed} is out of range: use {MIN_SEED}..{MAX_SEED}")
     os.environ["PL_GLOBAL_SEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)
