@@ -207,7 +207,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         return self.transformer.text_model.final_layer_norm.weight.device
 
     def freeze(self):
-        self.transformer = self.transformer.eval()
+        self.eval()
         for param in self.parameters():
             param.requires_grad = False
 
