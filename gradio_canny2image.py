@@ -1,0 +1,447 @@
+"""The canny2image demo (upstream's gradio_canny2image.py) on Gradio 6.
+
+Same page as upstream: title, input image, Prompt, Run, a closed "Advanced options" accordion with
+the twelve controls (labels, ranges, steps and defaults of spec §4.10) and a 2-column gallery with
+the inverted edge map followed by the samples. Differences, each on purpose:
+
+* binds 127.0.0.1 unless --listen (upstream always bound 0.0.0.0); analytics off;
+* without a checkpoint it still starts (random weights) and says so in a banner on the page;
+* a progress bar over the DDIM steps; one queue worker per GPU (one model replica each);
+* bad input (no image, odd image formats, huge images, out-of-range values sent through the API)
+  gets a short message in the page instead of a traceback, and the server keeps serving.
+
+Run `python gradio_canny2image.py --help` for the flags.
+"""
+import os
+
+# Read when gradio is imported: without it Gradio phones home at launch.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import queue  # noqa: E402
+import sys  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+from cldm.model import CheckpointError  # noqa: E402
+from runtime.errors import InputError  # noqa: E402
+
+log = logging.getLogger("gradio_canny2image")
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+CONFIG_FULL = os.path.join(REPO, "models", "cldm_v15.yaml")
+CONFIG_TINY = os.path.join(REPO, "models", "cldm_tiny.yaml")
+CKPT_CANDIDATES = ("models/control_sd15_canny.pth", "models/control_sd15_canny.safetensors")
+CKPT_URL = "https://huggingface.co/lllyasviel/ControlNet/tree/main/models"
+
+TITLE = "## Control Stable Diffusion with Canny Edge Maps"
+A_PROMPT = "best quality, extremely detailed"
+N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
+            "cropped, worst quality, low quality")
+
+# Checked on the image header, before anything is decoded: 50 MP passes any ordinary photo (a
+# 48 MP phone picture, 8K video frames) and keeps the decoded RGB copy under ~150 MB.
+MAX_INPUT_PIXELS = 50_000_000
+# Smaller than this has no edges worth the name (a 1x1 upload is a mistake, not a picture).
+MIN_INPUT_SIDE = 16
+# After resize_image (short side = Image Resolution): long thin images would otherwise ask the
+# model for e.g. 512 x 60000 px. 4096 px allows 8:1 at 512 and 16:1 at 256.
+MAX_OUTPUT_SIDE = 4096
+# CLIP reads 77 tokens and truncates the rest; anything past this many characters is a mistake
+# (and would only cost tokenizer time).
+MAX_PROMPT_CHARS = 10_000
+
+OOM_MESSAGE = "Out of GPU memory: try fewer images or a lower resolution"
+
+
+class _PipelinePool:
+    """One pipeline per queue worker, so no two requests ever share a model at the same time."""
+
+    def __init__(self, pipelines):
+        self.size = len(pipelines)
+        self._free = queue.Queue()
+        for p in pipelines:
+            self._free.put(p)
+
+    def acquire(self):
+        return self._free.get()
+
+    def release(self, pipeline):
+        self._free.put(pipeline)
+
+
+class UploadImage(gr.Image):
+    """gr.Image whose unreadable uploads get a clear message: Gradio's own is a bare "Error".
+
+    `is_template` is Gradio's mechanism (gr.ClearButton uses it) for a subclass that keeps the
+    parent's front-end component.
+    """
+    is_template = True
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except PIL.Image.DecompressionBombError:
+            raise gr.Error(f"The image is far too large: the limit is "
+                           f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels.",
+                           print_exception=False) from None
+        except Exception as e:
+            log.info("unreadable upload: %s", e)
+            raise gr.Error("Could not read the uploaded file as an image: use a PNG or JPEG.",
+                           print_exception=False) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: what Gradio hands over, turned into what the pipeline takes, or a clear message.
+# ---------------------------------------------------------------------------------------------
+
+def image_to_rgb(image):
+    """A PIL image (opened lazily, nothing decoded yet) → RGB uint8 HxWx3, or raise InputError.
+
+    The size is checked before decoding. Like the Gradio 3 upstream ran on, alpha is dropped and
+    gray/palette images become RGB; 16-bit images are scaled to 8 bits (PIL's own RGB conversion
+    would clip them to white).
+    """
+    if image is None:
+        raise InputError("No input image: upload an image first.")
+    if isinstance(image, np.ndarray):         # create_demo's function may be called directly
+        image = PIL.Image.fromarray(image)
+    w, h = image.size
+    if w * h > MAX_INPUT_PIXELS:
+        raise InputError(
+            f"The image is too large ({w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
+            f"{MAX_INPUT_PIXELS / 1e6:.0f}). Downscale it first: it is resized to about "
+            f"768 px anyway.")
+    if min(w, h) < MIN_INPUT_SIDE:
+        raise InputError(f"The image is too small ({w}x{h}): use at least "
+                         f"{MIN_INPUT_SIDE}x{MIN_INPUT_SIDE} px.")
+    try:
+        if image.mode.startswith("I"):        # "I;16", "I;16B", "I": 16-bit gray
+            gray = np.asarray(image).astype(np.float64)
+            gray = (np.clip(gray, 0, 65535) / 257.0).round().astype(np.uint8)
+            return np.repeat(gray[:, :, None], 3, axis=2)
+        if image.mode == "F":
+            raise InputError("32-bit float images are not supported: save it as an 8- or "
+                             "16-bit PNG or a JPEG.")
+        return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:   # truncated or corrupt file
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"Could not read the image ({e}). Try a PNG or JPEG.") from None
+
+
+def _whole_number(value, label):
+    number = _finite(value, label)
+    if number != int(number):
+        raise InputError(f"{label} must be a whole number, got {value!r}.")
+    return int(number)
+
+
+def _finite(value, label):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{label} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise InputError(f"{label} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def _text(value, label):
+    value = "" if value is None else str(value)
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InputError(f"{label} is too long ({len(value)} characters; the limit is "
+                         f"{MAX_PROMPT_CHARS}). Only the first 77 CLIP tokens are read anyway.")
+    return value
+
+
+def check_inputs(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
+                 guess_mode, strength, scale, seed, eta, low_threshold, high_threshold):
+    """Normalise the 14 UI values (types, text lengths, sizes); raise InputError with a message.
+
+    Ranges are the UI's; Gradio already rejects out-of-range slider values sent through the API,
+    this repeats the check for direct calls and catches what Gradio lets through (NaN, fractions).
+    """
+    img = image_to_rgb(input_image)
+    args = dict(
+        prompt=_text(prompt, "Prompt"), a_prompt=_text(a_prompt, "Added Prompt"),
+        n_prompt=_text(n_prompt, "Negative Prompt"),
+        num_samples=_whole_number(num_samples, "Images"),
+        image_resolution=_whole_number(image_resolution, "Image Resolution"),
+        ddim_steps=_whole_number(ddim_steps, "Steps"), guess_mode=bool(guess_mode),
+        strength=_finite(strength, "Control Strength"), scale=_finite(scale, "Guidance Scale"),
+        seed=_whole_number(seed, "Seed"), eta=_finite(eta, "eta (DDIM)"),
+        low_threshold=_whole_number(low_threshold, "Canny low threshold"),
+        high_threshold=_whole_number(high_threshold, "Canny high threshold"))
+    for key, (label, lo, hi) in SLIDER_RANGES.items():
+        if not lo <= args[key] <= hi:
+            raise InputError(f"{label} must be between {lo} and {hi}, got {args[key]}.")
+    if args["low_threshold"] > args["high_threshold"]:
+        raise InputError(f"Canny low threshold ({args['low_threshold']}) must not be above the high "
+                         f"threshold ({args['high_threshold']}).")
+    h, w = img.shape[:2]
+    k = args["image_resolution"] / min(h, w)
+    out_h, out_w = round(h * k / 64) * 64, round(w * k / 64) * 64
+    if max(out_h, out_w) > MAX_OUTPUT_SIDE:
+        raise InputError(
+            f"The image is too elongated ({w}x{h}): at Image Resolution "
+            f"{args['image_resolution']} it would be generated at {out_w}x{out_h} px (the limit "
+            f"is {MAX_OUTPUT_SIDE} px a side). Crop it or lower Image Resolution.")
+    return img, args
+
+
+# label, minimum, maximum (spec §4.10); the UI builds its sliders from the same numbers.
+SLIDER_RANGES = {
+    "num_samples": ("Images", 1, 12),
+    "image_resolution": ("Image Resolution", 256, 768),
+    "strength": ("Control Strength", 0.0, 2.0),
+    "low_threshold": ("Canny low threshold", 1, 255),
+    "high_threshold": ("Canny high threshold", 1, 255),
+    "ddim_steps": ("Steps", 1, 100),
+    "scale": ("Guidance Scale", 0.1, 30.0),
+    "seed": ("Seed", -1, 2147483647),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The request handler
+# ---------------------------------------------------------------------------------------------
+
+def _device_of(pipeline):
+    model = getattr(pipeline, "model", None)
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def make_process(pipelines):
+    """The function the Run button calls: the 14 UI inputs → gallery images, or a gr.Error."""
+    pool = _PipelinePool(pipelines)
+
+    def process(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
+                ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold, high_threshold,
+                progress=gr.Progress()):
+        try:
+            img, args = check_inputs(input_image, prompt, a_prompt, n_prompt, num_samples,
+                                     image_resolution, ddim_steps, guess_mode, strength, scale,
+                                     seed, eta, low_threshold, high_threshold)
+        except InputError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+        def on_step(step, total=None):
+            total = total or args["ddim_steps"]
+            progress((step, total), desc="DDIM sampling", unit="steps")
+
+        out_of_memory = False
+        pipeline = pool.acquire()
+        try:
+            device = _device_of(pipeline)
+            with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+                progress((0, args["ddim_steps"]), desc="DDIM sampling", unit="steps")
+                return pipeline.process(img, progress=on_step, **args)
+        except gr.Error:
+            raise
+        except torch.cuda.OutOfMemoryError:
+            log.warning("out of GPU memory (%d images at %d px)", args["num_samples"],
+                        args["image_resolution"])
+            out_of_memory = True      # freed below, once this frame no longer holds the traceback
+        except (InputError, CheckpointError, ValueError) as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        except MemoryError:
+            log.warning("out of host memory (%d images at %d px)", args["num_samples"],
+                        args["image_resolution"])
+            raise gr.Error("Out of memory: try fewer images or a lower resolution.",
+                           print_exception=False) from None
+        except Exception:
+            log.exception("process() failed")
+            raise gr.Error("Generation failed with an internal error (details are in the server "
+                           "log). Please try again.", print_exception=False) from None
+        finally:
+            pool.release(pipeline)
+        if out_of_memory:
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise gr.Error(OOM_MESSAGE, print_exception=False)
+
+    return process, pool.size
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------
+
+def create_demo(pipeline, banner=None):
+    """Build the page. `pipeline`: a Canny2Image, or a list of them (one queue worker each)."""
+    pipelines = list(pipeline) if isinstance(pipeline, (list, tuple)) else [pipeline]
+    process, workers = make_process(pipelines)
+    r = SLIDER_RANGES
+    with gr.Blocks(title="ControlNet canny2image") as demo:
+        with gr.Row():
+            gr.Markdown(TITLE)
+        if banner:
+            with gr.Row():
+                gr.Markdown(banner, elem_id="weights-banner")
+        with gr.Row():
+            with gr.Column():
+                # PIL, opened lazily: image_to_rgb checks the size before anything is decoded
+                # and converts 16-bit and alpha itself. The pipeline still gets RGB numpy.
+                input_image = UploadImage(sources=["upload"], type="pil", image_mode=None,
+                                       label="Image")
+                prompt = gr.Textbox(label="Prompt")
+                run_button = gr.Button("Run")
+                with gr.Accordion("Advanced options", open=False):
+                    num_samples = gr.Slider(label="Images", minimum=r["num_samples"][1],
+                                            maximum=r["num_samples"][2], value=1, step=1)
+                    image_resolution = gr.Slider(
+                        label="Image Resolution", minimum=r["image_resolution"][1],
+                        maximum=r["image_resolution"][2], value=512, step=64)
+                    strength = gr.Slider(label="Control Strength", minimum=r["strength"][1],
+                                         maximum=r["strength"][2], value=1.0, step=0.01)
+                    guess_mode = gr.Checkbox(label="Guess Mode", value=False)
+                    low_threshold = gr.Slider(label="Canny low threshold",
+                                              minimum=r["low_threshold"][1],
+                                              maximum=r["low_threshold"][2], value=100, step=1)
+                    high_threshold = gr.Slider(label="Canny high threshold",
+                                               minimum=r["high_threshold"][1],
+                                               maximum=r["high_threshold"][2], value=200, step=1)
+                    ddim_steps = gr.Slider(label="Steps", minimum=r["ddim_steps"][1],
+                                           maximum=r["ddim_steps"][2], value=20, step=1)
+                    scale = gr.Slider(label="Guidance Scale", minimum=r["scale"][1],
+                                      maximum=r["scale"][2], value=9.0, step=0.1)
+                    seed = gr.Slider(label="Seed", minimum=r["seed"][1], maximum=r["seed"][2],
+                                     step=1, randomize=True)
+                    eta = gr.Number(label="eta (DDIM)", value=0.0)
+                    a_prompt = gr.Textbox(label="Added Prompt", value=A_PROMPT)
+                    n_prompt = gr.Textbox(label="Negative Prompt", value=N_PROMPT)
+            with gr.Column():
+                # png: the gallery's default (webp) would alter the pixels.
+                result_gallery = gr.Gallery(label="Output", show_label=False, elem_id="gallery",
+                                            columns=2, height="auto", format="png")
+        inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
+                  ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold,
+                  high_threshold]
+        run_button.click(fn=process, inputs=inputs, outputs=[result_gallery],
+                         api_name="process")
+    demo.queue(default_concurrency_limit=workers)
+    return demo
+
+
+# ---------------------------------------------------------------------------------------------
+# Startup
+# ---------------------------------------------------------------------------------------------
+
+def find_checkpoint():
+    """The first of ./models/control_sd15_canny.{pth,safetensors} that exists (cwd, then repo)."""
+    for base in dict.fromkeys([os.getcwd(), REPO]):
+        for rel in CKPT_CANDIDATES:
+            path = os.path.join(base, rel)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def no_checkpoint_banner():
+    return ("### ⚠️ No checkpoint: running with random weights, so every image is noise.\n"
+            "Place `control_sd15_canny.pth` at `./models/control_sd15_canny.pth` (download it "
+            f"from {CKPT_URL}) and restart, or pass `--ckpt PATH`.")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="ControlNet canny2image demo (Gradio). Opens on http://127.0.0.1:7860.")
+    p.add_argument("--ckpt", help="checkpoint (.pth/.ckpt/.safetensors); default: "
+                   "./models/control_sd15_canny.pth or .safetensors when present")
+    p.add_argument("--random-weights", action="store_true",
+                   help="seeded random weights instead of a checkpoint (outputs are noise)")
+    p.add_argument("--device", default="auto",
+                   help="auto (every visible GPU, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--mode", choices=("reference", "fast"), default=None,
+                   help="reference: upstream-exact fp32; fast: the fast runtime (GPU only). "
+                        "Default: fast on a GPU when available, else reference")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny model (models/cldm_tiny.yaml) with random weights: a quick smoke run")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--listen", action="store_true",
+                   help="bind 0.0.0.0 (reachable from other machines); default 127.0.0.1 only")
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    return p.parse_args(argv)
+
+
+def _devices(spec):
+    if spec == "auto":
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["cpu"]
+    if spec == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no GPU is visible to torch")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [spec]
+
+
+def _available_modes():
+    from runtime import canny2image
+    modes = getattr(canny2image, "MODES", None)
+    return tuple(modes) if modes else ("reference",)
+
+
+def build_pipelines(args):
+    """The pipelines (one per device) and the banner to show, from the parsed flags."""
+    from runtime.canny2image import Canny2Image
+    from runtime.weights import build_model
+
+    devices = _devices(args.device)
+    on_gpu = devices[0].startswith("cuda")
+    modes = _available_modes()
+    mode = args.mode or ("fast" if on_gpu and "fast" in modes else "reference")
+    if mode not in modes:
+        raise SystemExit(f"--mode {mode} is not available in this build (have: {', '.join(modes)})")
+    if mode == "fast" and not on_gpu:
+        raise SystemExit("--mode fast needs a GPU; use --mode reference on the CPU")
+
+    banner = None
+    ckpt = None
+    config = CONFIG_FULL
+    random_weights = args.random_weights
+    if args.tiny:
+        config, random_weights = CONFIG_TINY, True
+        banner = "Tiny model with random weights (`--tiny`): a smoke test, outputs are noise."
+    elif args.random_weights:
+        banner = "Random weights (`--random-weights`): outputs are noise."
+    else:
+        ckpt = args.ckpt or find_checkpoint()
+        if ckpt is None:
+            random_weights = True
+            banner = no_checkpoint_banner()
+            log.warning("no checkpoint at ./models/control_sd15_canny.pth: starting with random "
+                        "weights (images are noise). Download it from %s", CKPT_URL)
+
+    pipelines = []
+    for device in devices:
+        log.info("building the model on %s (%s, %s)", device,
+                 os.path.basename(config), ckpt or "random weights")
+        model = build_model(config, ckpt=ckpt, random_weights=random_weights, device=device)
+        pipelines.append(Canny2Image(model, mode=mode))
+    return pipelines, banner
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        pipelines, banner = build_pipelines(args)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    demo = create_demo(pipelines, banner=banner)
+    demo.launch(server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port,
+                share=args.share)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

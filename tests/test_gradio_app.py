@@ -1,0 +1,299 @@
+"""The Gradio demo, driven through gradio_client against the app launched in-process on 127.0.0.1
+with the tiny model on CPU: a full run, every kind of bad input (each must come back as a clear
+message, never a traceback, and the server must keep serving), and two requests at once.
+"""
+import json
+import math
+import os
+import socket
+import sys
+import threading
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+# The demo is a script at the repo root, not part of the installed packages.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gradio as gr  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import gradio_canny2image as app  # noqa: E402
+from annotator.util import HWC3, resize_image  # noqa: E402
+from runtime.sample import sample_image  # noqa: E402
+
+# Small and quick on the CPU: 256 px short side, 2 DDIM steps.
+FAST = dict(image_resolution=256, ddim_steps=2, num_samples=1)
+ORDER = ("prompt", "a_prompt", "n_prompt", "num_samples", "image_resolution", "ddim_steps",
+         "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold")
+DEFAULTS = dict(prompt="a house", a_prompt=app.A_PROMPT, n_prompt=app.N_PROMPT, num_samples=1,
+                image_resolution=512, ddim_steps=20, guess_mode=False, strength=1.0, scale=9.0,
+                seed=12345, eta=0.0, low_threshold=100, high_threshold=200)
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_tiny(banner=None):
+    """The demo with the tiny random-weights model, on a free 127.0.0.1 port: (demo, url)."""
+    from runtime.canny2image import Canny2Image
+    from runtime.weights import build_model
+
+    model = build_model(app.CONFIG_TINY, random_weights=True, device="cpu", seed=0)
+    demo = app.create_demo(Canny2Image(model, mode="reference"), banner=banner)
+    for attempt in range(5):     # another process may take the port between probe and bind
+        try:
+            _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(),
+                                    prevent_thread_lock=True, quiet=True)
+            return demo, url
+        except OSError:
+            if attempt == 4:
+                raise
+
+
+@pytest.fixture(scope="module")
+def client():
+    demo, url = launch_tiny(banner="tiny model, random weights")
+    try:
+        yield Client(url, verbose=False)
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Input files of every kind the tests upload: path by name, plus the RGB sample array."""
+    d = tmp_path_factory.mktemp("inputs")
+    rgb = sample_image(640, 480)
+    files = {}
+
+    def save(name, image, **kw):
+        files[name] = str(d / name)
+        image.save(files[name], **kw)
+
+    save("rgb.png", Image.fromarray(rgb))
+    save("gray.png", Image.fromarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])
+    save("rgba.png", Image.fromarray(rgba))
+    gray16 = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.uint16) * 257
+    cv2.imwrite(str(d / "gray16.png"), gray16)
+    files["gray16.png"] = str(d / "gray16.png")
+    save("tiny.png", Image.fromarray(np.full((1, 1, 3), 200, np.uint8)))
+    save("thin.png", Image.fromarray(np.full((32, 2000, 3), 200, np.uint8)))
+    # 10000x8000: 1 bit per pixel keeps the file and its encoding small; the size is what counts.
+    save("huge.png", Image.new("1", (10000, 8000), 1))
+    # Over twice PIL's MAX_IMAGE_PIXELS: PIL refuses it already when Gradio opens the file.
+    save("bomb.png", Image.new("1", (14000, 13000), 1))
+    (d / "not_an_image.png").write_bytes(b"this is not a png")
+    files["not_an_image.png"] = str(d / "not_an_image.png")
+    return files, rgb
+
+
+def run(client, image, **overrides):
+    """Call /process with upstream's argument order; DEFAULTS for what is not overridden."""
+    values = {**DEFAULTS, **overrides}
+    image = handle_file(image) if image is not None else None
+    return client.predict(image, *(values[k] for k in ORDER), api_name="/process")
+
+
+def gallery_arrays(result):
+    return [np.asarray(Image.open(item["image"])) for item in result]
+
+
+def assert_error(client, image, match, **overrides):
+    with pytest.raises(AppError) as info:
+        run(client, image, **overrides)
+    message = str(info.value)
+    assert "Traceback" not in message
+    assert match.lower() in message.lower(), message
+
+
+def test_full_run(client, images):
+    files, rgb = images
+    result = run(client, files["rgb.png"], **{**FAST, "num_samples": 3})
+    out = gallery_arrays(result)
+    assert len(out) == 3 + 1
+    # 640x480 at 256: short side 256, long side round(341.3 / 64) * 64 = 320.
+    for a in out:
+        assert a.shape == (256, 320, 3) and a.dtype == np.uint8
+    # First item: the inverted edge map, exactly upstream's (png keeps it lossless).
+    expected = 255 - HWC3(cv2.Canny(resize_image(HWC3(rgb), 256), 100, 200))
+    np.testing.assert_array_equal(out[0], expected)
+    assert len({a.tobytes() for a in out[1:]}) == 3, "the samples should differ"
+
+
+def test_same_seed_same_images(client, images):
+    files, _ = images
+    a = gallery_arrays(run(client, files["rgb.png"], seed=7, **FAST))
+    b = gallery_arrays(run(client, files["rgb.png"], seed=7, **FAST))
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("name", ["gray.png", "rgba.png", "gray16.png"])
+def test_other_image_formats_work(client, images, name):
+    """Gray and RGBA become RGB (alpha dropped, as on upstream's Gradio 3); 16-bit is scaled to
+    8 bits, so its edges are those of the 8-bit picture (PIL alone would clip it to white)."""
+    files, rgb = images
+    out = gallery_arrays(run(client, files[name], **FAST))
+    assert len(out) == 2 and out[0].shape == (256, 320, 3)
+    if name != "rgba.png":
+        gray = HWC3(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+        expected = 255 - HWC3(cv2.Canny(resize_image(gray, 256), 100, 200))
+        np.testing.assert_array_equal(out[0], expected)
+
+
+@pytest.mark.parametrize("prompt", ["", "a house, " * 200])
+def test_empty_and_long_prompts_work(client, images, prompt):
+    """Upstream runs both: an empty prompt still has the added prompt; CLIP keeps 77 tokens."""
+    out = gallery_arrays(run(client, images[0]["rgb.png"], prompt=prompt, **FAST))
+    assert len(out) == 2
+
+
+BAD = [
+    # (case id, image name or None, overrides, words the message must contain)
+    ("no image", None, {}, "upload an image"),
+    ("1x1 image", "tiny.png", {}, "too small"),
+    ("huge image", "huge.png", {}, "too large"),
+    ("decompression bomb", "bomb.png", {}, "far too large"),
+    ("not an image", "not_an_image.png", {}, "image"),
+    ("elongated image", "thin.png", {"image_resolution": 768}, "too elongated"),
+    ("huge prompt", "rgb.png", {"prompt": "x" * 100_000}, "Prompt is too long"),
+    ("huge negative prompt", "rgb.png", {"n_prompt": "x" * 100_000}, "Negative Prompt is too long"),
+    ("steps 0", "rgb.png", {"ddim_steps": 0}, "less than minimum value 1"),
+    ("steps 1000", "rgb.png", {"ddim_steps": 1000}, "greater than maximum value 100"),
+    ("resolution 10000", "rgb.png", {"image_resolution": 10000}, "greater than maximum value 768"),
+    ("negative images", "rgb.png", {"num_samples": -3}, "less than minimum value 1"),
+    ("fractional images", "rgb.png", {"num_samples": 1.5}, "Images must be a whole number"),
+    ("low above high", "rgb.png", {"low_threshold": 250, "high_threshold": 50},
+     "low threshold (250) must not be above the high threshold (50)"),
+    ("seed too large", "rgb.png", {"seed": 2**40}, "greater than maximum value"),
+]
+
+
+@pytest.mark.parametrize("case,name,overrides,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gives_clear_error(client, images, case, name, overrides, match):
+    files, _ = images
+    image = files[name] if name else None
+    assert_error(client, image, match, **{**FAST, **overrides})
+
+
+def _raw_call(url, image_path, **overrides):
+    """POST /process through Gradio's REST API with Python's JSON, which can send NaN (the client
+    refuses to: "Out of range float values are not JSON compliant"). Returns (event, data)."""
+    with open(image_path, "rb") as f:
+        uploaded = httpx.post(url + "gradio_api/upload", files={"files": ("in.png", f)}).json()
+    values = {**DEFAULTS, **FAST, **overrides}
+    data = [{"path": uploaded[0], "meta": {"_type": "gradio.FileData"}}]
+    data += [values[k] for k in ORDER]
+    event_id = httpx.post(url + "gradio_api/call/process", content=json.dumps({"data": data}),
+                          headers={"content-type": "application/json"}).json()["event_id"]
+    event = None
+    with httpx.stream("GET", url + f"gradio_api/call/process/{event_id}", timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: ") and event in ("error", "complete"):
+                return event, json.loads(line[len("data: "):])
+    raise AssertionError("the event stream ended without a result")
+
+
+@pytest.mark.parametrize("key,label", [("eta", "eta (DDIM)"), ("scale", "Guidance Scale"),
+                                       ("ddim_steps", "Steps")])
+def test_nan_gives_clear_error(client, images, key, label):
+    event, data = _raw_call(client.src, images[0]["rgb.png"], **{key: math.nan})
+    assert event == "error"
+    assert data["error"] == f"{label} must be a finite number, got nan."
+
+
+def test_still_serving_after_errors(client, images):
+    files, _ = images
+    for name, overrides, match in [(None, {}, "upload"), ("huge.png", {}, "too large"),
+                                   ("rgb.png", {"ddim_steps": 1000}, "maximum")]:
+        assert_error(client, files[name] if name else None, match, **{**FAST, **overrides})
+    assert len(gallery_arrays(run(client, files["rgb.png"], **{**FAST, "num_samples": 2}))) == 3
+
+
+def test_two_requests_at_once(client, images):
+    files, _ = images
+    results, errors = {}, []
+
+    def request(i):
+        try:
+            results[i] = gallery_arrays(run(client, files["rgb.png"], seed=i, **FAST))
+        except Exception as e:        # reported below: a thread's exception would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert sorted(results) == [1, 2]
+    assert all(len(r) == 2 for r in results.values())
+
+
+# --- the handler itself, without a server ------------------------------------------------------
+
+class _Pipeline:
+    """Stands in for Canny2Image to test how the handler maps failures and reports progress."""
+
+    def __init__(self, fail=None):
+        self.fail, self.calls = fail, 0
+
+    def process(self, input_image, *args, progress=None, **kwargs):
+        self.calls += 1
+        steps = kwargs["ddim_steps"]
+        for i in range(steps):
+            progress(i + 1, steps)
+        if self.fail is not None:
+            raise self.fail
+        return [input_image]
+
+
+def _call(process, progress=None, **overrides):
+    values = {**DEFAULTS, **FAST, **overrides}
+    image = Image.fromarray(sample_image(128, 96))
+    return process(image, *(values[k] for k in ORDER), progress=progress or (lambda *a, **k: None))
+
+
+def test_progress_goes_over_the_ddim_steps():
+    seen = []
+    process, workers = app.make_process([_Pipeline()])
+    assert workers == 1
+    _call(process, progress=lambda value, **kw: seen.append(value), ddim_steps=4)
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_failures_become_short_messages(caplog):
+    from runtime.errors import InputError
+
+    cases = [(InputError("bad prompt"), "bad prompt"),
+             (ValueError("bad value"), "bad value"),
+             (RuntimeError("kernel exploded"), "internal error")]
+    for exc, match in cases:
+        process, _ = app.make_process([_Pipeline(fail=exc)])
+        with pytest.raises(gr.Error, match=match):
+            _call(process)
+    assert "kernel exploded" in caplog.text      # the traceback goes to the server log
+
+
+def test_out_of_memory_frees_and_recovers(monkeypatch):
+    import torch
+
+    freed = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
+    pipeline = _Pipeline(fail=torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    process, _ = app.make_process([pipeline])
+    with pytest.raises(gr.Error, match="Out of GPU memory: try fewer images or a lower resolution"):
+        _call(process)
+    assert freed
+    pipeline.fail = None
+    assert len(_call(process)) == 1          # the pipeline went back to the pool: next one works
