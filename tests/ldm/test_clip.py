@@ -16,11 +16,10 @@ import sys
 import ftfy
 import pytest
 import torch
+import transformers
 
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizer import CLIPBPETokenizer, default_bpe_path
-
-transformers = pytest.importorskip("transformers")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOS, EOS = 49406, 49407
