@@ -241,8 +241,8 @@ def test_state_dict_keys_match_checkpoint_layout():
     path = os.path.join(os.path.dirname(REPO), "shared", "reference", "keys_control_sd15.tsv")
     with open(path) as f:
         rows = [line.rstrip("\n").split("\t") for line in f if line.startswith("cond_stage_model.")]
-    ours = [("cond_stage_model." + k, json.dumps(list(v.shape)), str(v.dtype).removeprefix("torch."))
-            for k, v in model.state_dict().items()]
+    ours = [("cond_stage_model." + k, json.dumps(list(v.shape)),
+             str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()]
     assert ours == [(k, json.dumps(json.loads(s)), d) for k, s, d in rows]
     assert sum(p.numel() for p in model.parameters()) == 123_060_480
 
@@ -301,7 +301,8 @@ from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 model = FrozenCLIPEmbedder(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=256)
 assert model(["a photo of a cat"]).shape == (1, 77, 64)
-heavy = [m for m in ("transformers", "open_clip", "torchvision", "huggingface_hub") if m in sys.modules]
+heavy = [m for m in ("transformers", "open_clip", "torchvision", "huggingface_hub")
+         if m in sys.modules]
 assert not heavy, heavy
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)

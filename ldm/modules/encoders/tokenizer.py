@@ -32,7 +32,8 @@ END_OF_WORD = "</w>"
 # runs of other non-space characters. Applied to lower-cased text, hence IGNORECASE only matters
 # for the contractions, as in the original.
 _WORD_PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"""
+    r"""|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
