@@ -31,6 +31,7 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from cldm.model import CheckpointError  # noqa: E402
+from runtime.canny2image import MODES, Canny2Image  # noqa: E402
 from runtime.errors import InputError  # noqa: E402
 
 log = logging.getLogger("gradio_canny2image")
@@ -104,12 +105,12 @@ class UploadImage(gr.Image):
 # Input checks: what Gradio hands over, turned into what the pipeline takes, or a clear message.
 # ---------------------------------------------------------------------------------------------
 
-def image_to_rgb(image):
-    """A PIL image (opened lazily, nothing decoded yet) → RGB uint8 HxWx3, or raise InputError.
+def image_to_array(image):
+    """A PIL image (opened lazily, nothing decoded yet) → what the pipeline takes, or InputError.
 
     The size is checked before decoding. Like the Gradio 3 upstream ran on, alpha is dropped and
-    gray/palette images become RGB; 16-bit images are scaled to 8 bits (PIL's own RGB conversion
-    would clip them to white).
+    gray/palette images become RGB uint8. 16-bit gray stays uint16 for the pipeline to reduce
+    (as the CLI does): PIL's own RGB conversion would clip it to white.
     """
     if image is None:
         raise InputError("No input image: upload an image first.")
@@ -124,18 +125,14 @@ def image_to_rgb(image):
     if min(w, h) < MIN_INPUT_SIDE:
         raise InputError(f"The image is too small ({w}x{h}): use at least "
                          f"{MIN_INPUT_SIDE}x{MIN_INPUT_SIDE} px.")
+    if image.mode == "F":
+        raise InputError("32-bit float images are not supported: save it as an 8- or 16-bit PNG "
+                         "or a JPEG.")
     try:
         if image.mode.startswith("I"):        # "I;16", "I;16B", "I": 16-bit gray
-            gray = np.asarray(image).astype(np.float64)
-            gray = (np.clip(gray, 0, 65535) / 257.0).round().astype(np.uint8)
-            return np.repeat(gray[:, :, None], 3, axis=2)
-        if image.mode == "F":
-            raise InputError("32-bit float images are not supported: save it as an 8- or "
-                             "16-bit PNG or a JPEG.")
+            return np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
         return np.asarray(image.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:   # truncated or corrupt file
-        if isinstance(e, InputError):
-            raise
         raise InputError(f"Could not read the image ({e}). Try a PNG or JPEG.") from None
 
 
@@ -169,7 +166,7 @@ def check_inputs(input_image, prompt, a_prompt, n_prompt, num_samples, image_res
     Ranges are the UI's; Gradio already rejects out-of-range slider values sent through the API,
     this repeats the check for direct calls and catches what Gradio lets through (NaN, fractions).
     """
-    img = image_to_rgb(input_image)
+    img = image_to_array(input_image)
     args = dict(
         prompt=_text(prompt, "Prompt"), a_prompt=_text(a_prompt, "Added Prompt"),
         n_prompt=_text(n_prompt, "Negative Prompt"),
@@ -289,10 +286,10 @@ def create_demo(pipeline, banner=None):
                 gr.Markdown(banner, elem_id="weights-banner")
         with gr.Row():
             with gr.Column():
-                # PIL, opened lazily: image_to_rgb checks the size before anything is decoded
+                # PIL, opened lazily: image_to_array checks the size before anything is decoded
                 # and converts 16-bit and alpha itself. The pipeline still gets RGB numpy.
                 input_image = UploadImage(sources=["upload"], type="pil", image_mode=None,
-                                       label="Image")
+                                       label="Image", elem_id="input_image")
                 prompt = gr.Textbox(label="Prompt")
                 run_button = gr.Button("Run")
                 with gr.Accordion("Advanced options", open=False):
@@ -320,9 +317,13 @@ def create_demo(pipeline, banner=None):
                     a_prompt = gr.Textbox(label="Added Prompt", value=A_PROMPT)
                     n_prompt = gr.Textbox(label="Negative Prompt", value=N_PROMPT)
             with gr.Column():
-                # png: the gallery's default (webp) would alter the pixels.
+                # png: the gallery's default (webp) would alter the pixels. Upstream's
+                # height="auto" grew with the images; Gradio 6's "auto" caps it at 55% of the
+                # window and scrolls, CSS max-content grows as before. "contain": whole images, not
+                # square crops of them.
                 result_gallery = gr.Gallery(label="Output", show_label=False, elem_id="gallery",
-                                            columns=2, height="auto", format="png")
+                                            columns=2, height="max-content", object_fit="contain",
+                                            format="png")
         inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
                   ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold,
                   high_threshold]
@@ -361,9 +362,9 @@ def parse_args(argv=None):
                    help="seeded random weights instead of a checkpoint (outputs are noise)")
     p.add_argument("--device", default="auto",
                    help="auto (every visible GPU, else CPU), cpu, cuda or cuda:N")
-    p.add_argument("--mode", choices=("reference", "fast"), default=None,
+    p.add_argument("--mode", choices=MODES, default=None,
                    help="reference: upstream-exact fp32; fast: the fast runtime (GPU only). "
-                        "Default: fast on a GPU when available, else reference")
+                        "Default: fast on a GPU when this build has it, else reference")
     p.add_argument("--tiny", action="store_true",
                    help="tiny model (models/cldm_tiny.yaml) with random weights: a quick smoke run")
     p.add_argument("--port", type=int, default=7860)
@@ -385,25 +386,27 @@ def _devices(spec):
     return [spec]
 
 
-def _available_modes():
-    from runtime import canny2image
-    modes = getattr(canny2image, "MODES", None)
-    return tuple(modes) if modes else ("reference",)
+def _pipeline(model, mode, requested):
+    """Canny2Image in `mode`; a default (not requested) fast mode falls back to reference when
+    this build cannot run it yet."""
+    try:
+        return Canny2Image(model, mode=mode)
+    except NotImplementedError as e:
+        if requested:
+            raise SystemExit(f"--mode {mode}: {e}") from None
+        log.warning("fast mode unavailable (%s): using reference mode", e)
+        return Canny2Image(model, mode="reference")
 
 
 def build_pipelines(args):
     """The pipelines (one per device) and the banner to show, from the parsed flags."""
-    from runtime.canny2image import Canny2Image
     from runtime.weights import build_model
 
     devices = _devices(args.device)
     on_gpu = devices[0].startswith("cuda")
-    modes = _available_modes()
-    mode = args.mode or ("fast" if on_gpu and "fast" in modes else "reference")
-    if mode not in modes:
-        raise SystemExit(f"--mode {mode} is not available in this build (have: {', '.join(modes)})")
+    mode = args.mode or ("fast" if on_gpu else "reference")
     if mode == "fast" and not on_gpu:
-        raise SystemExit("--mode fast needs a GPU; use --mode reference on the CPU")
+        raise SystemExit("--mode fast needs a GPU: use --mode reference on the CPU")
 
     banner = None
     ckpt = None
@@ -413,6 +416,8 @@ def build_pipelines(args):
         config, random_weights = CONFIG_TINY, True
         banner = "Tiny model with random weights (`--tiny`): a smoke test, outputs are noise."
     elif args.random_weights:
+        if args.ckpt:
+            raise SystemExit("pass either --ckpt or --random-weights, not both")
         banner = "Random weights (`--random-weights`): outputs are noise."
     else:
         ckpt = args.ckpt or find_checkpoint()
@@ -424,10 +429,11 @@ def build_pipelines(args):
 
     pipelines = []
     for device in devices:
-        log.info("building the model on %s (%s, %s)", device,
-                 os.path.basename(config), ckpt or "random weights")
+        log.info("building the model on %s (%s, %s)", device, os.path.basename(config),
+                 ckpt or "random weights")
         model = build_model(config, ckpt=ckpt, random_weights=random_weights, device=device)
-        pipelines.append(Canny2Image(model, mode=mode))
+        pipelines.append(_pipeline(model, mode, requested=args.mode is not None))
+    log.info("mode: %s, %d queue worker(s)", pipelines[0].mode, len(pipelines))
     return pipelines, banner
 
 

@@ -1,0 +1,114 @@
+"""The demo in a real browser: Debian's chromium driven by Python playwright (never
+`playwright install`: it downloads a browser, which fails here). Uploads a picture, opens
+"Advanced options", sets Steps and Images, clicks Run and waits for the gallery; keeps a
+screenshot in the pytest tmp dir and copies it to docs/screenshot_gradio.png.
+"""
+import os
+import shutil
+import socket
+import sys
+
+import pytest
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)     # the demo is a script at the repo root
+
+import gradio_canny2image as app  # noqa: E402
+from runtime.sample import SAMPLE_PROMPT, sample_image  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+SCREENSHOT = os.path.join(REPO, "docs", "screenshot_gradio.png")
+STEPS, IMAGES = 3, 2
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    from runtime.canny2image import Canny2Image
+    from runtime.weights import build_model
+
+    model = build_model(app.CONFIG_TINY, random_weights=True, device="cpu", seed=0)
+    banner = "Tiny model with random weights (`--tiny`): a smoke test, outputs are noise."
+    demo = app.create_demo(Canny2Image(model, mode="reference"), banner=banner)
+    for attempt in range(5):     # another process may take the port between probe and bind
+        try:
+            _, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(),
+                                          prevent_thread_lock=True, quiet=True)
+            break
+        except OSError:
+            if attempt == 4:
+                raise
+    try:
+        yield local_url
+    finally:
+        demo.close()
+
+
+def _set_slider(page, label, value):
+    """Type into the slider's number box, as a person does for an exact value, and leave it.
+
+    Checked on the range input, and typed again if the page was still wiring the freshly opened
+    accordion up (the first edit can then be lost)."""
+    box = page.get_by_label(f"number input for {label}", exact=True)
+    slider = page.get_by_label(f"range slider for {label}", exact=True)
+    for _ in range(5):
+        box.fill(str(value))
+        box.press("Tab")
+        try:
+            expect(slider).to_have_value(str(value), timeout=2_000)
+            return
+        except AssertionError:
+            continue
+    expect(slider).to_have_value(str(value))
+
+
+def test_run_in_browser(url, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: run `apt-get install -y chromium` (Debian's "
+                    "chromium; never `playwright install`)")
+    picture = tmp_path / "house.png"
+    Image.fromarray(sample_image(640, 480)).save(picture)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            expect(page.get_by_text("Control Stable Diffusion with Canny Edge Maps")).to_be_visible(
+                timeout=30_000)
+
+            page.locator("input[type=file]").first.set_input_files(str(picture))
+            expect(page.locator("#input_image img").first).to_be_visible(timeout=30_000)
+            page.get_by_label("Prompt", exact=True).fill(SAMPLE_PROMPT)
+
+            page.get_by_text("Advanced options").click()
+            expect(page.get_by_label("number input for Steps")).to_be_visible()
+            _set_slider(page, "Steps", STEPS)
+            _set_slider(page, "Images", IMAGES)
+            _set_slider(page, "Image Resolution", 256)
+
+            page.get_by_role("button", name="Run").click()
+            thumbnails = page.locator("#gallery img")
+            expect(thumbnails).to_have_count(IMAGES + 1, timeout=120_000)
+            for i in range(IMAGES + 1):
+                expect(thumbnails.nth(i)).to_be_visible()
+            expect(page.locator(".toast-body.error")).to_have_count(0)
+
+            shot = tmp_path / "screenshot_gradio.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+
+    os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+    shutil.copyfile(shot, SCREENSHOT)
+    assert Image.open(shot).size[0] >= 1280
