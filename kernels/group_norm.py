@@ -18,6 +18,9 @@ Layouts: NCHW-contiguous (a group is one contiguous run of Cg·HW elements) and 
 of a group are addressed by a flat index e, so any group size works and tiles never straddle
 groups.
 
+The element addressing is written out in each kernel rather than in a shared @triton.jit helper:
+the CPU interpreter re-patches triton.language on every nested jit call (0.5 s per tiny launch).
+
 Parallelism: two paths, chosen per shape from kernels/platform.py's table.
 * one pass (group ≤ ONE_PASS_MAX elements, e.g. every UNet map at 16×16 and 8×8): one program per
   (sample, group) holds the whole group in registers: one read, one write, one launch.
@@ -40,38 +43,6 @@ from . import platform
 
 
 @triton.jit
-def _load_tile(X, ADD, b, g, e, mask, stride_xb, stride_ab, stride_ac, C, CG, HW,
-               CHANNELS_LAST: tl.constexpr, HAS_ADD: tl.constexpr):
-    """fp32 values and channel indices of the group elements e (flat index within the group)."""
-    if CHANNELS_LAST:
-        c = g * CG + e % CG
-        off = (e // CG) * C + c
-    else:
-        c = g * CG + e // HW
-        off = g * CG * HW + e  # the whole group is contiguous
-    x = tl.load(X + b.to(tl.int64) * stride_xb + off, mask=mask, other=0.0)
-    if HAS_ADD:
-        a = tl.load(ADD + b * stride_ab + c * stride_ac, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + a.to(tl.float32)).to(X.dtype.element_ty)
-    return x.to(tl.float32), c, off
-
-
-@triton.jit
-def _store_tile(Y, W, Bias, b, x, c, off, mask, mean, rstd, stride_xb,
-                HAS_AFFINE: tl.constexpr, SILU: tl.constexpr):
-    y = (x - mean) * rstd
-    if HAS_AFFINE:
-        w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-        bb = tl.load(Bias + c, mask=mask, other=0.0).to(tl.float32)
-        y = y * w + bb
-    if SILU:
-        # upstream materialises the norm's output in the I/O dtype before the activation
-        y = y.to(Y.dtype.element_ty).to(tl.float32)
-        y = y * tl.sigmoid(y)
-    tl.store(Y + b.to(tl.int64) * stride_xb + off, y.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _gn_one_pass_kernel(
     X,     # [B, C, *spatial] NCHW-contiguous or [B, C, H, W] channels_last
     ADD,   # [B, C] (strided) pre-norm addend, or a dummy when not HAS_ADD
@@ -90,12 +61,30 @@ def _gn_one_pass_kernel(
     n = CG * HW
     e = tl.arange(0, BLOCK)
     mask = e < n
-    x, c, off = _load_tile(X, ADD, b, g, e, mask, stride_xb, stride_ab, stride_ac, C, CG, HW,
-                           CHANNELS_LAST, HAS_ADD)
+    if CHANNELS_LAST:
+        c = g * CG + e % CG
+        off = (e // CG) * C + c
+    else:
+        c = g * CG + e // HW
+        off = g * CG * HW + e  # the whole group is contiguous
+    x = tl.load(X + b.to(tl.int64) * stride_xb + off, mask=mask, other=0.0)
+    if HAS_ADD:
+        a = tl.load(ADD + b * stride_ab + c * stride_ac, mask=mask, other=0.0)
+        # upstream's h + emb_out is a tensor in h's dtype: round the sum before the statistics
+        x = (x.to(tl.float32) + a.to(tl.float32)).to(X.dtype.element_ty)
+    x = x.to(tl.float32)
     mean = tl.sum(x, 0) / n
     d = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / n + eps)
-    _store_tile(Y, W, Bias, b, x, c, off, mask, mean, rstd, stride_xb, HAS_AFFINE, SILU)
+    y = (x - mean) * rstd
+    if HAS_AFFINE:
+        y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32) \
+            + tl.load(Bias + c, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        # upstream materialises the norm's output in the I/O dtype before the activation
+        y = y.to(Y.dtype.element_ty).to(tl.float32)
+        y = y * tl.sigmoid(y)
+    tl.store(Y + b.to(tl.int64) * stride_xb + off, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -121,8 +110,18 @@ def _gn_stats_kernel(
     for t in range(start, end, BLOCK):
         e = t + tl.arange(0, BLOCK)
         mask = e < end
-        x, c, off = _load_tile(X, ADD, b, g, e, mask, stride_xb, stride_ab, stride_ac, C, CG,
-                               HW, CHANNELS_LAST, HAS_ADD)
+        if CHANNELS_LAST:
+            c = g * CG + e % CG
+            off = (e // CG) * C + c
+        else:
+            c = g * CG + e // HW
+            off = g * CG * HW + e  # the whole group is contiguous
+        x = tl.load(X + b.to(tl.int64) * stride_xb + off, mask=mask, other=0.0)
+        if HAS_ADD:
+            a = tl.load(ADD + b * stride_ab + c * stride_ac, mask=mask, other=0.0)
+            # upstream's h + emb_out is a tensor in h's dtype: round the sum before the statistics
+            x = (x.to(tl.float32) + a.to(tl.float32)).to(X.dtype.element_ty)
+        x = x.to(tl.float32)
         nt = tl.minimum(end - t, BLOCK).to(tl.float32)
         mt = tl.sum(x, 0) / nt
         d = tl.where(mask, x - mt, 0.0)
@@ -175,9 +174,27 @@ def _gn_apply_kernel(
     for t in range(start, end, BLOCK):
         e = t + tl.arange(0, BLOCK)
         mask = e < end
-        x, c, off = _load_tile(X, ADD, b, g, e, mask, stride_xb, stride_ab, stride_ac, C, CG,
-                               HW, CHANNELS_LAST, HAS_ADD)
-        _store_tile(Y, W, Bias, b, x, c, off, mask, mean, rstd, stride_xb, HAS_AFFINE, SILU)
+        if CHANNELS_LAST:
+            c = g * CG + e % CG
+            off = (e // CG) * C + c
+        else:
+            c = g * CG + e // HW
+            off = g * CG * HW + e  # the whole group is contiguous
+        x = tl.load(X + b.to(tl.int64) * stride_xb + off, mask=mask, other=0.0)
+        if HAS_ADD:
+            a = tl.load(ADD + b * stride_ab + c * stride_ac, mask=mask, other=0.0)
+            # upstream's h + emb_out is a tensor in h's dtype: round the sum before the statistics
+            x = (x.to(tl.float32) + a.to(tl.float32)).to(X.dtype.element_ty)
+        x = x.to(tl.float32)
+        y = (x - mean) * rstd
+        if HAS_AFFINE:
+            y = y * tl.load(W + c, mask=mask, other=0.0).to(tl.float32) \
+                + tl.load(Bias + c, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            # upstream materialises the norm's output in the I/O dtype before the activation
+            y = y.to(Y.dtype.element_ty).to(tl.float32)
+            y = y * tl.sigmoid(y)
+        tl.store(Y + b.to(tl.int64) * stride_xb + off, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,

@@ -156,7 +156,7 @@ _INTERP = {
     "attention": {b: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1) for b in (64, 128, 256)},
     "attention_short_kv": {b: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
                            for b in (64, 128, 256)},
-    "group_norm": dict(ONE_PASS_MAX=4096, BLOCK=1024, PROGRAMS_PER_SM=2, MAX_SPLITS=64,
+    "group_norm": dict(ONE_PASS_MAX=4096, BLOCK=2048, PROGRAMS_PER_SM=2, MAX_SPLITS=64,
                        num_warps=4, one_pass_warps=4),
     "layer_norm": dict(ELEMS_PER_PROGRAM=4096, num_warps=4),
     "elementwise": dict(BLOCK=4096, num_warps=4),

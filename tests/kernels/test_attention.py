@@ -6,7 +6,7 @@ import torch
 
 from kernels import platform
 from kernels.attention import _split_head_dim, attention
-from tests.kernels.tolerances import DTYPES, assert_close, poison, ref_attention
+from tolerances import DTYPES, assert_close, poison, ref_attention
 
 DEV = "cpu" if platform.is_interpreter() else "cuda"
 

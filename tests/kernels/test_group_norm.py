@@ -6,7 +6,7 @@ import torch
 
 from kernels import platform
 from kernels.group_norm import group_norm
-from tests.kernels.tolerances import DTYPES, assert_close, poison, ref_group_norm
+from tolerances import DTYPES, assert_close, poison, ref_group_norm
 
 DEV = "cpu" if platform.is_interpreter() else "cuda"
 ONE_PASS_MAX = platform.config("group_norm")["ONE_PASS_MAX"]

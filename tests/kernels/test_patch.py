@@ -1,0 +1,162 @@
+"""kernels.patch: counts, fallbacks, strict mode, undo restores the very same objects, double
+patch is a no-op, state_dict untouched, env switch; a patched tiny ControlLDM matches the
+unpatched one (apply_model, VAE decode, CLIP) in strict mode."""
+
+import logging
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import kernels
+from kernels import platform
+from kernels.patch import ENV_DISABLE, KernelFallback
+from tolerances import assert_close
+
+DEV = "cpu" if platform.is_interpreter() else "cuda"
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "models", "cldm_tiny.yaml")
+
+
+class _Toy(nn.Module):
+    """The module shapes the walk looks for, without the full model."""
+
+    def __init__(self):
+        super().__init__()
+        from ldm.modules.attention import BasicTransformerBlock
+        self.block = BasicTransformerBlock(32, 2, 16, context_dim=24)
+        self.out = nn.Sequential(nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 8, 1))
+        self.act = nn.SiLU()
+
+    def forward(self, x, ctx, img):
+        return self.block(x, ctx), self.act(self.out(img))
+
+
+def _toy_inputs():
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 9, 32, generator=gen).to(DEV), torch.randn(2, 5, 24, generator=gen).to(DEV),
+            torch.randn(2, 8, 6, 6, generator=gen).to(DEV))
+
+
+def _toy():
+    torch.manual_seed(0)
+    return _Toy().to(DEV).eval()
+
+
+def test_counts_and_equality():
+    m = _toy()
+    args = _toy_inputs()
+    with torch.no_grad():
+        ref = m(*args)
+        with kernels.patched(m, strict=True) as h:
+            assert h.active
+            got = m(*args)
+    c = h.counts
+    assert c["attention"]["sites"] == 2 and c["attention"]["calls"] == 2
+    assert c["layer_norm"]["calls"] == 3 and c["geglu"]["calls"] == 1
+    assert c["group_norm"]["calls"] == 1 and c["silu"]["calls"] == 1  # GN+SiLU fused; act alone
+    assert all(v["fallbacks"] == 0 for v in c.values())
+    for a, b in zip(got, ref):
+        assert_close(a, b, torch.float32, scale=5.0)
+
+
+def test_undo_restores_identity_and_state_dict():
+    m = _toy()
+    mods_before = list(m.modules())
+    sd_before = {k: v for k, v in m.state_dict().items()}
+    h = kernels.patch(m)
+    assert list(m.state_dict().keys()) == list(sd_before.keys())
+    assert all(m.state_dict()[k] is not None and m.state_dict()[k].data_ptr() == v.data_ptr()
+               for k, v in sd_before.items())
+    assert len(m.out) == 3 and isinstance(m.out[1], nn.SiLU)  # Sequential kept intact
+    assert "forward" in m.out[0].__dict__
+    assert "GroupNorm" in repr(m)
+    assert kernels.patch(m) is h  # patching twice is a no-op
+    h.undo()
+    h.undo()  # safe twice
+    after = list(m.modules())
+    assert len(after) == len(mods_before) and all(a is b for a, b in zip(after, mods_before))
+    assert all("forward" not in mod.__dict__ for mod in after)
+    assert m.block.attn1.forward.__func__ is type(m.block.attn1).forward
+    assert not h.active
+
+
+def test_fallback_counted_and_strict_raises():
+    m = _toy()
+    x, ctx, img = _toy_inputs()
+    img = img.transpose(2, 3)  # neither contiguous nor channels_last: GroupNorm must fall back
+    h = kernels.patch(m)
+    with torch.no_grad():
+        ref = m.out[2](torch.nn.functional.silu(torch.nn.functional.group_norm(img, 4, m.out[0].weight, m.out[0].bias, m.out[0].eps)))
+        got = m(x, ctx, img)[1]
+    assert h.counts["group_norm"]["fallbacks"] == 1 and h.counts["group_norm"]["calls"] == 0
+    assert any("layout" in r for r in h.counts["group_norm"]["reasons"])
+    assert_close(got, torch.nn.functional.silu(ref), torch.float32)  # fallback keeps the SiLU
+    h.undo()
+    with kernels.patched(m, strict=True):
+        with pytest.raises(KernelFallback), torch.no_grad():
+            m(x, ctx, img)
+
+
+def test_autograd_input_falls_back():
+    m = _toy()
+    x, ctx, img = _toy_inputs()
+    x.requires_grad_(True)
+    with kernels.patched(m) as h:
+        m(x, ctx, img)[0].sum().backward()
+    assert h.counts["attention"]["fallbacks"] >= 1 and x.grad is not None
+
+
+def test_env_switch_disables(monkeypatch):
+    monkeypatch.setenv(ENV_DISABLE, "attention,group_norm")
+    m = _toy()
+    with kernels.patched(m, strict=True) as h, torch.no_grad():
+        m(*_toy_inputs())
+    assert h.counts["attention"]["sites"] == 0 and h.counts["group_norm"]["sites"] == 0
+    assert h.counts["layer_norm"]["calls"] == 3
+    monkeypatch.setenv(ENV_DISABLE, "all")
+    h2 = kernels.patch(m)
+    assert not h2.active and "disabled" in h2.reason
+
+
+def test_unusable_platform_leaves_model(monkeypatch, caplog):
+    monkeypatch.setattr(platform, "kernels_usable", lambda: (False, "no GPU (test)"))
+    m = _toy()
+    with caplog.at_level(logging.INFO, logger="kernels.patch"):
+        h = kernels.patch(m)
+    assert not h.active and h.reason == "no GPU (test)"
+    assert all("forward" not in mod.__dict__ for mod in m.modules())
+    assert "no GPU (test)" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from cldm.model import create_model
+    from runtime.weights import random_weights_
+    m = create_model(TINY_CONFIG).eval()
+    random_weights_(m, 0)
+    return m.to(DEV)
+
+
+def test_tiny_model_patched_matches(tiny_model):
+    m = tiny_model
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=gen).to(DEV)
+    hint = torch.rand(1, 3, 64, 64, generator=gen).to(DEV)
+    z = torch.randn(1, 4, 8, 8, generator=gen).to(DEV)
+    t = torch.tensor([500], device=DEV)
+    with torch.no_grad():
+        ctx = m.get_learned_conditioning(["a photo of a cat"])
+        cond = {"c_concat": [hint], "c_crossattn": [ctx]}
+        eps_ref, img_ref = m.apply_model(x, t, cond), m.decode_first_stage(z)
+        with kernels.patched(m, strict=True) as h:
+            ctx_k = m.get_learned_conditioning(["a photo of a cat"])
+            eps_k = m.apply_model(x, t, {"c_concat": [hint], "c_crossattn": [ctx]})
+            img_k = m.decode_first_stage(z)
+    c = h.counts
+    assert all(c[k]["calls"] > 0 for k in c), c  # every kernel family ran
+    assert all(c[k]["fallbacks"] == 0 for k in c)
+    # a whole network in fp32: errors compound over ~20 layers
+    assert_close(ctx_k, ctx, torch.float32, scale=20.0)
+    assert_close(eps_k, eps_ref, torch.float32, scale=20.0)
+    assert_close(img_k, img_ref, torch.float32, scale=20.0)
