@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import timestep_embedding
+from ldm.modules.diffusionmodules.util import GroupNorm32, timestep_embedding
 from runtime.seed import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -224,6 +224,17 @@ def ddim_schedule(model, steps, eta, device):
     return Schedule(ts[::-1], torch.tensor(rows, dtype=torch.float32, device=device))
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark(on):
+    """cudnn.benchmark for the duration of a fast-mode call (the flag is global: restore it)."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
 class _Entry:
     """Static buffers (and, when captured, the graph) of one (shape, batch, mode) configuration."""
 
@@ -265,6 +276,11 @@ class FastRunner:
 
     def _copy(self, module, dtype, channels_last):
         m = copy.deepcopy(module).to(dtype=dtype).eval().requires_grad_(False)
+        # GroupNorm32 normalizes x.float(): its affine parameters stay fp32 (as upstream's
+        # convert_to_fp16 leaves norms alone); torch's group_norm wants them in the input's dtype.
+        for sub in m.modules():
+            if isinstance(sub, GroupNorm32):
+                sub.float()
         if channels_last:
             m = m.to(memory_format=torch.channels_last)
         return m
@@ -553,6 +569,12 @@ class FastRunner:
         Per-step noise for eta > 0 is drawn from the global generator like the reference does.
         Returns (latents, info) with info["first_eps"] (the guided eps of step 0) and flags.
         """
+        with _cudnn_benchmark(self.options.cudnn_benchmark):
+            return self._sample(hint, ctx_c, ctx_u, x_T, steps, guess_mode, strength, scale, eta,
+                                callback, control_scales)
+
+    def _sample(self, hint, ctx_c, ctx_u, x_T, steps, guess_mode, strength, scale, eta, callback,
+                control_scales):
         o = self.options
         if self.device.type == "cuda" and o.two_streams and self._side_stream is None:
             self._side_stream = torch.cuda.Stream()
@@ -605,7 +627,8 @@ class FastRunner:
         """Latents -> images in [-1, 1], float32 [B, 3, H, W]: VAE in vae_dtype; non-finite output
         is decoded again in fp32 with the caller's model (with a warning)."""
         zs = (1.0 / self.model.scale_factor) * z
-        x = self.vae.decode(zs.to(self.options.vae_dtype)).float()
+        with _cudnn_benchmark(self.options.cudnn_benchmark):
+            x = self.vae.decode(zs.to(self.options.vae_dtype)).float()
         if self.options.nan_check and not bool(torch.isfinite(x).all()):
             logger.warning("fast mode: VAE decode in %s gave non-finite values; decoding in fp32",
                            self.options.vae_dtype)
