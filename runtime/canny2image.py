@@ -107,51 +107,54 @@ def resized_shape(height, width, resolution):
     return (int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64)
 
 
+def check_inputs(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
+                 ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold, high_threshold):
+    """Validate all parameters; return them normalized (or raise InputError)."""
+    image = to_uint8_image(input_image)
+    prompt, a_prompt, n_prompt = (_text(n, v) for n, v in
+                                  (("prompt", prompt), ("a_prompt", a_prompt),
+                                   ("n_prompt", n_prompt)))
+    num_samples = _integer("num_samples", num_samples, 1, MAX_SAMPLES)
+    image_resolution = _integer("image_resolution", image_resolution,
+                                MIN_RESOLUTION, MAX_RESOLUTION)
+    ddim_steps = _integer("ddim_steps", ddim_steps, 1, MAX_STEPS)
+    if not isinstance(guess_mode, (bool, np.bool_)):
+        raise InputError(f"guess_mode must be True or False, got {guess_mode!r}")
+    strength = _real("strength", strength, 0.0, MAX_STRENGTH)
+    scale = _real("scale", scale, 0.0, MAX_SCALE, low_open=True)
+    seed = _integer("seed", seed, -1, MAX_SEED)
+    eta = _real("eta", eta, 0.0, 1.0)
+    low_threshold = _real("low_threshold", low_threshold, 0.0, MAX_THRESHOLD)
+    high_threshold = _real("high_threshold", high_threshold, 0.0, MAX_THRESHOLD)
+    h, w = resized_shape(image.shape[0], image.shape[1], image_resolution)
+    if max(h, w) > MAX_SIDE:
+        raise InputError(
+            f"the image would be resized to {w}x{h}: its aspect ratio is too extreme "
+            f"(each side at most {MAX_SIDE} px); crop it or lower image_resolution")
+    return (image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
+            bool(guess_mode), strength, scale, seed, eta, low_threshold, high_threshold)
+
+
 class Canny2Image:
     """process(...) of upstream's canny2image demo for one model (ControlLDM)."""
 
     def __init__(self, model, mode="reference"):
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        # HOOK (fast mode): runtime/fast.py's runner (fp16 copies, graphs) serves `_generate`.
+        self.fast = None
         if mode == "fast":
-            # HOOK (fast mode): runtime/fast.py plugs in here and in `_generate` below. Until it
-            # is wired, fast mode is refused (NotImplementedError; the Gradio demo then falls
-            # back to reference mode with a warning) rather than silently running reference.
-            raise NotImplementedError(
-                "mode='fast' is not wired into Canny2Image yet (runtime/fast.py); "
-                "use mode='reference'")
+            from runtime.fast import FastRunner
+            self.fast = FastRunner(model)
         self.model = model
         self.mode = mode
         self.apply_canny = CannyDetector()
         self.ddim_sampler = DDIMSampler(model)
         self.last_seed = None
 
-    def check(self, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
-              ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold, high_threshold):
-        """Validate all parameters; return them normalized (or raise InputError)."""
-        image = to_uint8_image(input_image)
-        prompt, a_prompt, n_prompt = (_text(n, v) for n, v in
-                                      (("prompt", prompt), ("a_prompt", a_prompt),
-                                       ("n_prompt", n_prompt)))
-        num_samples = _integer("num_samples", num_samples, 1, MAX_SAMPLES)
-        image_resolution = _integer("image_resolution", image_resolution,
-                                    MIN_RESOLUTION, MAX_RESOLUTION)
-        ddim_steps = _integer("ddim_steps", ddim_steps, 1, MAX_STEPS)
-        if not isinstance(guess_mode, (bool, np.bool_)):
-            raise InputError(f"guess_mode must be True or False, got {guess_mode!r}")
-        strength = _real("strength", strength, 0.0, MAX_STRENGTH)
-        scale = _real("scale", scale, 0.0, MAX_SCALE, low_open=True)
-        seed = _integer("seed", seed, -1, MAX_SEED)
-        eta = _real("eta", eta, 0.0, 1.0)
-        low_threshold = _real("low_threshold", low_threshold, 0.0, MAX_THRESHOLD)
-        high_threshold = _real("high_threshold", high_threshold, 0.0, MAX_THRESHOLD)
-        h, w = resized_shape(image.shape[0], image.shape[1], image_resolution)
-        if max(h, w) > MAX_SIDE:
-            raise InputError(
-                f"the image would be resized to {w}x{h}: its aspect ratio is too extreme "
-                f"(each side at most {MAX_SIDE} px); crop it or lower image_resolution")
-        return (image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
-                bool(guess_mode), strength, scale, seed, eta, low_threshold, high_threshold)
+    def check(self, *args, **kwargs):
+        """check_inputs(...) for this pipeline (the same checks for every mode)."""
+        return check_inputs(*args, **kwargs)
 
     @torch.no_grad()
     def process(self, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
@@ -177,6 +180,10 @@ class Canny2Image:
                   strength, scale, seed, eta, progress):
         """Steps 3-9 of upstream's process() (spec §4.10), from the HxWx3 edge map and the joined
         prompt to num_samples uint8 images. HOOK (fast mode): the fast runner replaces this."""
+        if self.fast is not None:
+            self.last_seed = seed
+            return self.fast.generate(detected_map, prompt, n_prompt, num_samples, ddim_steps,
+                                      guess_mode, strength, scale, seed, eta, progress)
         model, device = self.model, self.model.device
         H, W = detected_map.shape[:2]
 

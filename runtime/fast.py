@@ -561,12 +561,12 @@ class FastRunner:
 
     @torch.no_grad()
     def sample(self, hint, ctx_c, ctx_u, x_T, steps, guess_mode=False, strength=1.0, scale=9.0,
-               eta=0.0, callback: Optional[Callable[[int], None]] = None, control_scales=None):
+               eta=0.0, callback: Optional[Callable[[int, int], None]] = None, control_scales=None):
         """DDIM-sample latents [B, 4, h, w] (float32), as DDIMSampler.sample with the reference's
         conditioning (cond with control; uncond without control in guess mode).
 
         hint: [1 or B, 3, H, W] float in [0, 1]; ctx_c/ctx_u: [B, 77, D] CLIP outputs; x_T: noise.
-        Per-step noise for eta > 0 is drawn from the global generator like the reference does.
+        callback(done, total) is called after every step. Per-step noise for eta > 0 is drawn from the global generator like the reference does.
         Returns (latents, info) with info["first_eps"] (the guided eps of step 0) and flags.
         """
         with _cudnn_benchmark(self.options.cudnn_benchmark):
@@ -606,7 +606,7 @@ class FastRunner:
             if i == 0:
                 first_eps = e.bufs["eps"].clone()
             if callback is not None:
-                callback(i)
+                callback(i + 1, len(sched.timesteps))
         x = e.bufs["x"].clone()
         bad = bool(e.bufs["bad"]) or not bool(torch.isfinite(x).all())
         info = {"graph": graph, "capture_error": e.capture_error, "nonfinite": bad,

@@ -257,3 +257,19 @@ def test_fp16_fast_close_to_fp32_reference(gpu_model):
     ref = r.reference_sample(hint.expand(2, -1, -1, -1), ctx_c, ctx_u, x_T, 5, False, 1.0, 9.0, 0.0)
     rel = ((z - ref).norm() / ref.norm()).item()
     assert rel < 2e-2, rel
+
+
+def test_canny2image_fast_mode_matches_reference_mode(model):
+    from runtime.canny2image import Canny2Image
+    from runtime.sample import sample_image
+
+    args = (sample_image(128, 96), "a house", "best quality", "lowres", 2, 64, 3, False, 1.0, 9.0,
+            11, 0.0, 100, 200)
+    steps = []
+    fast = Canny2Image(model, mode="fast").process(*args, progress=lambda d, n: steps.append((d, n)))
+    ref = Canny2Image(model, mode="reference").process(*args)
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert len(fast) == len(ref) == 3
+    np.testing.assert_array_equal(fast[0], ref[0])
+    for a, b in zip(fast[1:], ref[1:]):
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
