@@ -225,8 +225,6 @@ def test_accepted_edge_values(pipe, image):
     assert checked[-2:] == (200, 100)
 
 
-def test_modes(model):
-    with pytest.raises(NotImplementedError, match="fast"):
-        Canny2Image(model, mode="fast")
+def test_unknown_mode_is_refused(model):
     with pytest.raises(InputError, match="mode"):
         Canny2Image(model, mode="turbo")
