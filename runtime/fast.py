@@ -71,6 +71,7 @@ class FastOptions:
     dtype: object = torch.float16       # UNet/ControlNet weights and activations
     vae_dtype: object = None            # None: same as dtype
     kernels: bool = True                # kernels.patch on the private copies
+    kernel_attention: bool = False      # the Triton attention too (default: SDPA, cuDNN/flash)
     sdpa: bool = True                   # F.scaled_dot_product_attention in every CrossAttention
     batched_cfg: bool = True
     precompute: bool = True
@@ -294,14 +295,13 @@ class FastRunner:
             return
         holder = nn.ModuleDict({"unet": self.unet, "control": self.control, "vae": self.vae})
         try:
-            self.kernel_handle = patch(holder)
+            self.kernel_handle = patch(holder, attention=self.options.kernel_attention)
         except Exception as e:  # a kernel problem must never stop generation
             logger.warning("fast mode: kernels.patch failed (%s: %s); using PyTorch ops",
                            type(e).__name__, e)
             return
-        counts = getattr(self.kernel_handle, "counts", None)
-        self.kernels_active = bool(counts) if counts is not None else True
-        logger.info("fast mode: kernels.patch -> %s", counts)
+        self.kernels_active = bool(getattr(self.kernel_handle, "active", False))
+        logger.info("fast mode: %s", self.kernel_handle)
 
     def _install_attention(self):
         o = self.options
