@@ -1,0 +1,101 @@
+"""The canny2image command on the tiny model, and its error paths (one line, no traceback)."""
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.cli import main
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgb = np.full((70, 90, 3), 20, np.uint8)
+    rgb[15:55, 20:70] = rng.integers(120, 256, size=(40, 50, 3), dtype=np.uint8)
+    cv2.imwrite(str(folder / "box.png"), rgb[:, :, ::-1])
+    cv2.imwrite(str(folder / "deep.png"), (rgb[:, :, 0].astype(np.uint16) << 8) | 7)  # 16-bit
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_file_input_writes_pngs_and_says_where(images, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    code, out, err = _run([str(images / "box.png"), "--tiny", "--prompt", "a box",
+                           "--image-resolution", "64", "--ddim-steps", "2", "--num-samples", "2",
+                           "--seed", "5", "--outdir", str(outdir)], capsys)
+    assert code == 0, err
+    names = sorted(os.listdir(outdir))
+    assert names == ["box_0_seed5_random-weights.png", "box_1_seed5_random-weights.png",
+                     "box_edges.png"]
+    last = out.strip().splitlines()[-1]
+    assert str(outdir) in last and "3 PNGs" in last and "RANDOM WEIGHTS" in last
+    sample = Image.open(outdir / names[0])
+    assert sample.size == (64, 64) and sample.mode == "RGB"     # 70x90 at 64 -> 64 x 82 -> 64
+    assert "random" in sample.text["weights"] and sample.text["seed"] == "5"
+    assert sample.text["prompt"] == "a box"
+    edges = np.asarray(Image.open(outdir / "box_edges.png"))
+    assert set(np.unique(edges)) <= {0, 255}
+    assert "Traceback" not in err
+
+
+def test_folder_input_and_sixteen_bit(images, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    code, out, err = _run([str(images), "--tiny", "--image-resolution", "64", "--ddim-steps", "1",
+                           "--quiet", "--outdir", str(outdir)], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(outdir)) == [
+        "box_0_seed12345_random-weights.png", "box_edges.png",
+        "deep_0_seed12345_random-weights.png", "deep_edges.png"]
+    assert "4 PNGs" in out.strip().splitlines()[-1]
+    # the 16-bit gray input was reduced by >> 8: same edges as the 8-bit red channel
+    expected = 255 - cv2.Canny(cv2.resize(
+        np.dstack([np.asarray(Image.open(images / "box.png"))[:, :, 0]] * 3), (64, 64),
+        interpolation=cv2.INTER_AREA), 100, 200)
+    np.testing.assert_array_equal(np.asarray(Image.open(outdir / "deep_edges.png"))[:, :, 0],
+                                  expected)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{missing}", "--tiny"], "no such file or folder"),
+    (["{bad}", "--tiny"], "not an image OpenCV can read"),
+    (["{empty}", "--tiny"], "no images in this folder"),
+    (["--tiny", "--ddim-steps", "0"], r"ddim_steps must be in 1\.\.1000"),
+    (["--tiny", "--seed", "-5"], "seed must be in -1"),
+    (["--tiny", "--eta", "nan"], "eta must be a finite number"),
+    (["--ckpt", "{missing}"], "Checkpoint not found"),
+    (["--tiny", "--device", "bogus"], "--device bogus"),
+])
+def test_errors_are_one_clean_line(argv, message, tmp_path, capsys):
+    (tmp_path / "bad.png").write_text("not a png")
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": str(tmp_path / "missing.png"), "bad": str(tmp_path / "bad.png"),
+             "empty": str(tmp_path / "empty")}
+    argv = [a.format(**paths) for a in argv] + ["--outdir", str(tmp_path / "out")]
+    code, out, err = _run(argv, capsys)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("canny2image: error: "), err
+    assert __import__("re").search(message, lines[0])
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_no_traceback_from_the_real_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", str(tmp_path / "nope.png"), "--tiny"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"canny2image: error: {tmp_path / 'nope.png'}: no such file or folder"
+    assert "Traceback" not in result.stderr + result.stdout
