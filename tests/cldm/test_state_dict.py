@@ -44,7 +44,8 @@ PARAM_COUNTS = {
 def reference_entries():
     with open(os.path.join(SHARED_REFERENCE, "keys_control_sd15.tsv")) as f:
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    return [(key, tuple(int(d) for d in shape.strip("[]").split(",") if d.strip()), dtype) for key, shape, dtype in rows]
+    return [(key, tuple(int(d) for d in shape.strip("[]").split(",") if d.strip()), dtype)
+            for key, shape, dtype in rows]
 
 
 @pytest.fixture(scope="module")

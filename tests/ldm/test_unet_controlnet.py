@@ -179,7 +179,8 @@ def test_tiny_controlldm_apply_model_matches_diffusers():
         eps = model.apply_model(x, t, {"c_concat": [hint], "c_crossattn": [context]})
         down, mid = dcontrol(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
         # diffusers applies a mid residual only together with down residuals: give it zeros
-        ref = dunet(x, t, encoder_hidden_states=context, down_block_additional_residuals=[torch.zeros_like(d) for d in down],
+        zeros = [torch.zeros_like(d) for d in down]
+        ref = dunet(x, t, encoder_hidden_states=context, down_block_additional_residuals=zeros,
                     mid_block_additional_residual=mid * GUESS_SCALES[len(down)], return_dict=False)[0]
         assert_close(eps, ref, "apply_model with only_mid_control")
 
