@@ -246,6 +246,7 @@ def make_input_blocks(m):
 
 
 def make_middle_block(m, ch):
+    """ResBlock, SpatialTransformer, ResBlock at the lowest resolution."""
     return TimestepEmbedSequential(
         _res_block(m, ch, ch),
         _spatial_transformer(m, ch, None, disable_self_attn=m.disable_middle_self_attn),
@@ -263,6 +264,7 @@ def make_time_embed(m):
 
 
 def store_unet_config(m, local_vars, names):
+    """Keep the constructor arguments as attributes (as upstream does), normalized."""
     for name in names:
         setattr(m, name, local_vars[name])
     if isinstance(m.num_res_blocks, int):
