@@ -297,3 +297,97 @@ def test_out_of_memory_frees_and_recovers(monkeypatch):
     assert freed
     pipeline.fail = None
     assert len(_call(process)) == 1          # the pipeline went back to the pool: next one works
+
+
+# --- startup: flags, checkpoint discovery, the banner ------------------------------------------
+
+@pytest.fixture
+def built(monkeypatch):
+    """build_pipelines with runtime.weights.build_model replaced by a recorder (no model built)."""
+    import runtime.weights
+
+    calls = []
+
+    class _Model:
+        device = "cpu"
+
+    def build_model(config_path, ckpt=None, random_weights=False, device="cpu", seed=0):
+        calls.append(dict(config=config_path, ckpt=ckpt, random_weights=random_weights,
+                          device=device))
+        return _Model()
+
+    monkeypatch.setattr(runtime.weights, "build_model", build_model)
+    monkeypatch.setattr(app, "Canny2Image", lambda model, mode: _Named(model, mode))
+
+    def build(*argv):
+        pipelines, banner = app.build_pipelines(app.parse_args(["--device", "cpu", *argv]))
+        return calls[-1], pipelines, banner
+    return build
+
+
+class _Named:
+    def __init__(self, model, mode):
+        self.model, self.mode = model, mode
+
+
+def test_without_checkpoint_starts_with_random_weights_and_a_banner(built, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(app, "REPO", str(tmp_path))         # no models/ next to the script either
+    call, pipelines, banner = built()
+    assert call == dict(config=app.CONFIG_FULL, ckpt=None, random_weights=True, device="cpu")
+    assert pipelines[0].mode == "reference"
+    assert "noise" in banner and "./models/control_sd15_canny.pth" in banner
+    assert "https://huggingface.co/lllyasviel/ControlNet/tree/main/models" in banner
+
+
+@pytest.mark.parametrize("name", ["control_sd15_canny.pth", "control_sd15_canny.safetensors"])
+def test_checkpoint_in_models_is_found(built, tmp_path, monkeypatch, name):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    call, _, banner = built()
+    assert call["ckpt"] == str(tmp_path / "models" / name) and not call["random_weights"]
+    assert banner is None
+
+
+def test_flags(built, tmp_path):
+    call, _, banner = built("--tiny")
+    assert call["config"] == app.CONFIG_TINY and call["random_weights"] and "--tiny" in banner
+    call, _, banner = built("--random-weights")
+    assert call["config"] == app.CONFIG_FULL and call["random_weights"] and "noise" in banner
+    call, _, banner = built("--ckpt", str(tmp_path / "my.safetensors"))
+    assert call["ckpt"] == str(tmp_path / "my.safetensors") and banner is None
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        built("--mode", "fast")
+    args = app.parse_args([])
+    assert (args.port, args.listen, args.share, args.device) == (7860, False, False, "auto")
+
+
+def test_command_line_smoke_run(tmp_path):
+    """`python gradio_canny2image.py --tiny --port P` serves the page on 127.0.0.1 only."""
+    import subprocess
+    import time
+
+    port = _free_port()
+    script = os.path.join(os.path.dirname(app.__file__), "gradio_canny2image.py")
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen([sys.executable, script, "--tiny", "--port", str(port)],
+                                  stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        page = None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/config", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert page is not None and page.status_code == 200, log_path.read_text()
+        assert "Tiny model with random weights" in page.text
+        assert "Control Stable Diffusion with Canny Edge Maps" in page.text
+        assert f"http://127.0.0.1:{port}" in log_path.read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -4,6 +4,7 @@
 screenshot in the pytest tmp dir and copies it to docs/screenshot_gradio.png.
 """
 import os
+import re
 import shutil
 import socket
 import sys
@@ -24,6 +25,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-dev-shm-usage"]
 SCREENSHOT = os.path.join(REPO, "docs", "screenshot_gradio.png")
 STEPS, IMAGES = 3, 2
+_RECORD_GALLERY_TEXTS = """() => {
+    const gallery = document.querySelector("#gallery");
+    window.galleryTexts = [];
+    new MutationObserver(() => window.galleryTexts.push(gallery.innerText))
+        .observe(gallery, {subtree: true, childList: true, characterData: true});
+}"""
 
 
 def _free_port():
@@ -97,12 +104,19 @@ def test_run_in_browser(url, tmp_path):
             _set_slider(page, "Images", IMAGES)
             _set_slider(page, "Image Resolution", 256)
 
+            # Every text the gallery shows while it runs: the progress bar's "i/N steps" can be
+            # on screen for a fraction of a second, too short to poll for reliably.
+            page.evaluate(_RECORD_GALLERY_TEXTS)
             page.get_by_role("button", name="Run").click()
             thumbnails = page.locator("#gallery img")
             expect(thumbnails).to_have_count(IMAGES + 1, timeout=120_000)
             for i in range(IMAGES + 1):
                 expect(thumbnails.nth(i)).to_be_visible()
             expect(page.locator(".toast-body.error")).to_have_count(0)
+            # The progress bar went over the DDIM steps (gr.Progress fed by process's callback).
+            seen = " | ".join(page.evaluate("() => window.galleryTexts"))
+            assert re.search(rf"\b[1-9]\d*/{STEPS} steps", seen), seen
+            assert "DDIM sampling" in seen, seen
 
             shot = tmp_path / "screenshot_gradio.png"
             page.screenshot(path=str(shot), full_page=True)
