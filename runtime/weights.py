@@ -1,0 +1,130 @@
+"""The model with real weights from a checkpoint, or with seeded random weights when there is none.
+
+Random weights let everything run (and be timed) at full size without the 5.7 GB download. They are
+drawn per tensor on the CPU from a generator seeded with (seed, parameter name), so they are the
+same on every machine and whatever device the model lives on, and they do not depend on the order
+in which tensors are visited.
+
+Scheme (chosen so 20 DDIM steps with guidance 9 stay finite at full size):
+* Conv/Linear weights N(0, gain²/fan_in), gain 1: variance preserving before the nonlinearity.
+* The last layer of every residual branch (and every layer upstream zero-initialises: zero_convs,
+  middle_block_out, the hint block's last conv, ResBlock out convs, proj_out, the UNet's out conv)
+  gets gain BRANCH_GAIN < 1, so residual streams grow slowly from block to block.
+* Norm weights 1 + N(0, 0.1²); all biases and norm shifts N(0, 0.02²); embeddings N(0, 0.02²).
+The 13 schedule buffers and CLIP's position_ids are buffers, so they are never touched.
+"""
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import time
+
+import torch
+import torch.nn as nn
+
+from cldm.model import DEFAULT_CHECKPOINT, CheckpointError, create_model, load_checkpoint, \
+    missing_checkpoint_message
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "models", "cldm_v15.yaml")
+
+BRANCH_GAIN = 0.3
+NORM_WEIGHT_STD = 0.1
+BIAS_STD = 0.02
+EMBEDDING_STD = 0.02
+_BRANCH_END = re.compile(
+    r"(out_layers\.3|proj_out|to_out\.0|ff\.net\.2|\.conv2|\.fc2|out_proj|zero_convs\.\d+\.0"
+    r"|middle_block_out\.0|input_hint_block\.14|diffusion_model\.out\.2)$")
+
+
+def _generator(seed, name):
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _is_norm(module):
+    return isinstance(module, (nn.GroupNorm, nn.LayerNorm)) or "norm" in type(module).__name__.lower()
+
+
+def _mean_std(module_name, module, param_name, shape):
+    if _is_norm(module):
+        return (1.0, NORM_WEIGHT_STD) if param_name == "weight" else (0.0, BIAS_STD)
+    if isinstance(module, nn.Embedding):
+        return 0.0, EMBEDDING_STD
+    if len(shape) < 2:
+        return 0.0, BIAS_STD
+    fan_in = shape.numel() // shape[0]
+    gain = BRANCH_GAIN if _BRANCH_END.search(module_name) else 1.0
+    return 0.0, gain / fan_in ** 0.5
+
+
+@torch.no_grad()
+def random_weights_(model, seed=0, device=None):
+    """Give every parameter of `model` seeded random values, in place; buffers stay as they are.
+
+    Parameters still on the meta device are created on `device` (default: CPU); the others keep
+    their device and dtype. Sets `model.random_weights = True` and returns the model.
+    """
+    start = time.perf_counter()
+    for module_name, module in model.named_modules():
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            mean, std = _mean_std(module_name, module, param_name, param.shape)
+            on_cpu = param.device.type == "cpu" and param.dtype == torch.float32
+            # drawn in float32 on the CPU (straight into the parameter when it lives there)
+            values = param if on_cpu else torch.empty(param.shape)
+            values.normal_(mean, std, generator=_generator(seed, name))
+            if param.is_meta:
+                module._parameters[param_name] = nn.Parameter(
+                    values.to(device=device or "cpu", dtype=param.dtype),
+                    requires_grad=param.requires_grad)
+            elif not on_cpu:
+                param.copy_(values)
+    model.random_weights = True
+    logger.info("Random weights (seed %d) in %.1f s", seed, time.perf_counter() - start)
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no init cost),
+    while buffers (the noise schedule, position_ids) are computed for real. Not thread-safe: it
+    swaps nn.Module.register_parameter for the duration."""
+    register_parameter = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter
+
+
+def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, device="cpu", seed=0):
+    """ControlLDM in eval mode on `device`, with the weights of `ckpt` or seeded random weights.
+
+    Neither given: uses ./models/control_sd15_canny.pth when it exists, else raises CheckpointError.
+    `model.random_weights` says which kind of weights the model has.
+    """
+    if ckpt is not None and random_weights:
+        raise ValueError("pass either a checkpoint or random_weights=True, not both")
+    if ckpt is None and not random_weights:
+        if not os.path.isfile(DEFAULT_CHECKPOINT):
+            raise CheckpointError(missing_checkpoint_message(DEFAULT_CHECKPOINT)
+                                  + " To try the pipeline without it, pass --random-weights.")
+        ckpt = DEFAULT_CHECKPOINT
+    with _parameters_on_meta():
+        model = create_model(config_path)
+    if random_weights:
+        random_weights_(model, seed=seed, device=device)
+    else:
+        load_checkpoint(model, ckpt, location=str(device))
+        model.random_weights = False
+    return model.to(device).eval()
