@@ -15,6 +15,10 @@ Head dims that are not powers of two are covered by two dot products instead of 
 next power of two: d = D0 + D1 with D0 the largest power of two ≤ d and D1 the tail rounded up
 to a power of two ≥ 16 (tl.dot's minimum): 40 = 32+16 (48 computed, not 64), 80 = 64+16 (exact,
 not 128), 160 = 128+32 (exact, not 256). 64 (CLIP) is a single dot.
+Status: the split is validated in the interpreter only. On H100 with Triton 3.6 the fp16 tail
+slice came out wrong (every channel of the D1 slice; fp32 was right) and a later launch hit an
+illegal address, so platform.py switches the split off on GPUs (plain power-of-two padding with
+masks, the layout of Triton's tutorial) until that is understood.
 
 d > 256 (the VAE's single 512-wide head, one call per image decode) goes to PyTorch's
 scaled_dot_product_attention instead: a [BLOCK_M, 512] fp32 accumulator does not fit in
@@ -168,7 +172,7 @@ MAX_KERNEL_HEAD_DIM = 256
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
               scale: float | None = None, causal: bool = False,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, split_head_dim: bool | None = None) -> torch.Tensor:
     """softmax(q·kᵀ·scale [+ causal mask]) · v for q [B, Lq, H·d], k/v [B, Lk, H·d] → [B, Lq, H·d]."""
     B, Lq, C = q.shape
     Lk = k.shape[1]
@@ -188,7 +192,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
         out.copy_(o.transpose(1, 2).reshape(B, Lq, C))
         return out
 
-    D0, D1 = _split_head_dim(d)
+    if split_head_dim is None:
+        split_head_dim = platform.config("attention_split_head_dim")
+    D0, D1 = _split_head_dim(d) if split_head_dim else (max(16, triton.next_power_of_2(d)), 0)
     bucket = max(64, triton.next_power_of_2(d))
     family = "attention_short_kv" if Lk <= 128 else "attention"
     cfg = platform.config(family, bucket)

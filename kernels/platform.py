@@ -109,6 +109,8 @@ def kernel_device_ok(t: torch.Tensor) -> bool:
 # CUDA: tuned for H100 (sm_90, 132 SMs, 228 KB smem/SM). num_stages > 1 lets Triton pipeline the
 # K/V loads of the attention loop with cp.async / TMA-less loads.
 _CUDA = {
+    # head-dim split slices (kernels/attention.py): off, miscompiled on H100 + Triton 3.6 in fp16
+    "attention_split_head_dim": False,
     # attention: (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head-dim bucket.
     "attention": {
         64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -134,6 +136,7 @@ _CUDA = {
 # async-copy pipelining worth >2 stages; 64 KB LDS rules out 3-stage K/V buffers at d 128+;
 # waves_per_eu=2 trades occupancy for registers in the attention loop (flash-attn ROCm practice).
 _HIP = {
+    "attention_split_head_dim": False,  # unvalidated there: the padded layout is the safe one
     "attention": {
         64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2),
         128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2),
@@ -153,6 +156,7 @@ _HIP = {
 # Interpreter: every program runs serially in numpy, so fewer, smaller programs are faster;
 # num_warps/num_stages are ignored there but kept valid.
 _INTERP = {
+    "attention_split_head_dim": True,
     "attention": {b: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1) for b in (64, 128, 256)},
     "attention_short_kv": {b: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
                            for b in (64, 128, 256)},
@@ -169,12 +173,12 @@ def _table() -> dict:
     return _HIP if is_hip() else _CUDA
 
 
-def config(family: str, key=None) -> dict:
+def config(family: str, key=None):
     """A copy of the configuration dict for a kernel family (and key, e.g. a head-dim bucket)."""
     entry = _table()[family]
     if key is not None:
         entry = entry[key]
-    return dict(entry)
+    return dict(entry) if isinstance(entry, dict) else entry
 
 
 def launch_options(cfg: dict) -> dict:

@@ -27,6 +27,7 @@ def test_split_head_dim():
     assert _split_head_dim(100) == (128, 0)  # 64 + 64 gains nothing over one 128 slice
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split_d", "padded_d"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,H,d,Lq,Lk", [
     (1, 2, 40, 33, 33),    # odd token count, tail slice 32+16
@@ -35,11 +36,13 @@ def test_split_head_dim():
     (1, 2, 40, 16, 77),    # cross-attention over the CLIP context length
     (1, 1, 8, 5, 40),      # tiny head, padded to 16
 ])
-def test_attention_matches_reference(dtype, B, H, d, Lq, Lk):
+def test_attention_matches_reference(dtype, B, H, d, Lq, Lk, split):
+    if split and not platform.is_interpreter() and d in (40, 80, 160):
+        pytest.skip("split head-dim slices are off on GPUs (wrong fp16 tail on H100/Triton 3.6)")
     gen = torch.Generator().manual_seed(hash((B, H, d, Lq, Lk)) % 2**31)
     q, k, v = _qkv(B, Lq, Lk, H * d, dtype, gen)
     out = poison((B, Lq, H * d), dtype, DEV)
-    attention(q, k, v, H, out=out)
+    attention(q, k, v, H, out=out, split_head_dim=split)
     ref = ref_attention(q, k, v, H)
     torch_res = ref_attention(q, k, v, H).to(dtype)  # the best a dtype-rounded result can be
     assert_close(out, ref, dtype, torch_result=torch_res)
