@@ -31,7 +31,7 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from cldm.model import CheckpointError  # noqa: E402
-from runtime.canny2image import MODES, Canny2Image  # noqa: E402
+from runtime.canny2image import MAX_PROMPT_CHARS, MODES, Canny2Image, resized_shape  # noqa: E402
 from runtime.errors import InputError  # noqa: E402
 
 log = logging.getLogger("gradio_canny2image")
@@ -55,15 +55,17 @@ MIN_INPUT_SIDE = 16
 # After resize_image (short side = Image Resolution): long thin images would otherwise ask the
 # model for e.g. 512 x 60000 px. 4096 px allows 8:1 at 512 and 16:1 at 256.
 MAX_OUTPUT_SIDE = 4096
-# CLIP reads 77 tokens and truncates the rest; anything past this many characters is a mistake
-# (and would only cost tokenizer time).
-MAX_PROMPT_CHARS = 10_000
 
 OOM_MESSAGE = "Out of GPU memory: try fewer images or a lower resolution"
 
 
 class _PipelinePool:
-    """One pipeline per queue worker, so no two requests ever share a model at the same time."""
+    """One pipeline per queue worker, so no two requests ever share a model at the same time.
+
+    Caveat with several GPUs: the pipeline seeds process-global RNGs (as upstream's
+    seed_everything does), so two requests running at once can shift each other's noise; each
+    image is still valid, but a seed then does not reproduce it exactly.
+    """
 
     def __init__(self, pipelines):
         self.size = len(pipelines)
@@ -181,11 +183,10 @@ def check_inputs(input_image, prompt, a_prompt, n_prompt, num_samples, image_res
         if not lo <= args[key] <= hi:
             raise InputError(f"{label} must be between {lo} and {hi}, got {args[key]}.")
     if args["low_threshold"] > args["high_threshold"]:
-        raise InputError(f"Canny low threshold ({args['low_threshold']}) must not be above the high "
-                         f"threshold ({args['high_threshold']}).")
+        raise InputError(f"Canny low threshold ({args['low_threshold']}) must not be above the "
+                         f"high threshold ({args['high_threshold']}).")
     h, w = img.shape[:2]
-    k = args["image_resolution"] / min(h, w)
-    out_h, out_w = round(h * k / 64) * 64, round(w * k / 64) * 64
+    out_h, out_w = resized_shape(h, w, args["image_resolution"])
     if max(out_h, out_w) > MAX_OUTPUT_SIDE:
         raise InputError(
             f"The image is too elongated ({w}x{h}): at Image Resolution "
