@@ -123,7 +123,7 @@ def reference_first_eps(model, size, batch, steps, scale, seed):
     from runtime.fast import ddim_schedule
     from runtime.seed import seed_everything
 
-    img = resize_image(HWC3(sample_image()), size)
+    img = resize_image(HWC3(sample_image(size * 5 // 4, size * 5 // 4)), size)
     dm = HWC3(CannyDetector()(img, 100, 200))
     H, W = dm.shape[:2]
     hint = (torch.from_numpy(dm.copy()).float().to(model.device) / 255.0).permute(2, 0, 1)[None]
@@ -144,8 +144,9 @@ def reference_first_eps(model, size, batch, steps, scale, seed):
 def run_row(name, pipe, model, args, refs, row_runner=None):
     """Time one configuration over every (size, batch); returns a list of result dicts."""
     results = []
-    image = sample_image()
     for size in args.sizes:
+        # A square picture a little larger than `size`: resize_image gives exactly size x size.
+        image = sample_image(size * 5 // 4, size * 5 // 4)
         for batch in args.batches:
             r = {"row": name, "size": size, "batch": batch, "steps": args.steps, "scale": args.scale}
             try:
@@ -212,8 +213,7 @@ def fast_pipe(model, opts):
 
 def compile_row(args):
     """Child process: torch.compile the fast eager step; prints one JSON line of results."""
-    model = build_model(os.path.join(REPO, "models", "cldm_v15.yaml"), random_weights=True,
-                        device="cuda", seed=0)
+    model = build_model(args.config, random_weights=True, device="cuda", seed=0)
     opts = ablation_options("+channels_last", torch.float16)
     pipe = fast_pipe(model, opts)
     pipe.fast._step = torch.compile(pipe.fast._step, mode=args.compile_mode)
@@ -230,7 +230,7 @@ def markdown(env, rows):
              f"torch {env['torch']} (CUDA {env['cuda']}, HIP {env['hip']}), triton {env['triton']}, "
              f"cuDNN {env['cudnn']}, commit {env['commit']}{' (dirty)' if env.get('dirty') else ''}, "
              f"{env['time']}", "", f"`{env['command']}`", "",
-             "Seeded random weights at full size; end to end = process() incl. resize + Canny, CLIP, "
+             f"Seeded random weights ({os.path.basename(env.get('config', ''))}); end to end = process() incl. resize + Canny, CLIP, "
              "DDIM, VAE decode, uint8. eps err = relative L2 error of the first step's guided eps vs "
              "reference (fp32); PSNR vs reference mode's images (same seed).", "",
              "| row | size | batch | e2e median ms (min–max) | loop ms | it/s | × ref | peak GiB | eps err | PSNR dB | note |",
@@ -274,6 +274,8 @@ def main():
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--config", default=os.path.join(REPO, "models", "cldm_v15.yaml"),
+                    help="model config (models/cldm_tiny.yaml for a quick CPU smoke run)")
     ap.add_argument("--_compile-child", dest="compile_child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -283,13 +285,24 @@ def main():
         return compile_row(args)
 
     env = environment(args)
+    env["config"] = args.config
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(os.path.join(REPO, "models", "cldm_v15.yaml"), random_weights=True,
-                        device=device, seed=0)
+    model = build_model(args.config, random_weights=True, device=device, seed=0)
     log.info("model ready in %.1f s", time.perf_counter() - t0)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype] if device == "cuda" else torch.float32
     rows, refs = [], {}
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or (env["device"].replace(" ", "_").replace("/", "_") + time.strftime("_%Y%m%d_%H%M%S"))
+    base = os.path.join(args.out, f"bench_{tag}")
+
+    def write():
+        env["total_s"] = time.perf_counter() - t0
+        with open(base + ".json", "w") as f:
+            json.dump({"env": env, "args": dict(vars(args)), "rows": rows}, f, indent=1, default=str)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(env, rows))
+
     for name in args.rows:
         try:
             if name == "reference":
@@ -303,10 +316,11 @@ def main():
         except Exception as e:
             rows.append({"row": name, "size": None, "batch": None, "error": f"{type(e).__name__}: {e}"})
             log.error("row %s failed:\n%s", name, traceback.format_exc())
+        write()  # after every row: a run cut short still leaves its results
     if args.compile:
         cmd = [sys.executable, os.path.abspath(__file__), "--_compile-child", "--compile-mode", args.compile_mode,
                "--steps", str(args.steps), "--scale", str(args.scale), "--repeats", str(args.repeats),
-               "--warmup", str(args.warmup), "--sizes", *map(str, args.sizes[:1]), "--batches", "1",
+               "--warmup", str(args.warmup), "--config", args.config, "--sizes", *map(str, args.sizes[:1]), "--batches", "1",
                "--no-eps-error"]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout)
@@ -319,15 +333,7 @@ def main():
         except subprocess.TimeoutExpired:
             rows.append({"row": "compile", "size": args.sizes[0], "batch": 1,
                          "error": f"did not compile within {args.compile_timeout} s"})
-    env["total_s"] = time.perf_counter() - t0
-    os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or (env["device"].replace(" ", "_").replace("/", "_") + time.strftime("_%Y%m%d_%H%M%S"))
-    base = os.path.join(args.out, f"bench_{tag}")
-    with open(base + ".json", "w") as f:
-        json.dump({"env": env, "args": {k: v for k, v in vars(args).items()}, "rows": rows}, f, indent=1,
-                  default=str)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(env, rows))
+    write()
     log.info("wrote %s.json / .md (%.0f s in all)", base, env["total_s"])
     try:
         from benchmarks.plot import plot
