@@ -391,3 +391,28 @@ def test_command_line_smoke_run(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_one_worker_per_pipeline(images):
+    """Two pipelines (two GPUs) → two requests run at the same time, each on its own pipeline."""
+    barrier = threading.Barrier(2, timeout=60)   # passes only if both requests run at once
+    users = []
+
+    class _Meeting:
+        def process(self, input_image, *args, progress=None, **kwargs):
+            users.append(self)
+            barrier.wait()
+            return [input_image]
+
+    demo = app.create_demo([_Meeting(), _Meeting()])
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(),
+                            prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        jobs = [client.submit(handle_file(images[0]["rgb.png"]),
+                              *({**DEFAULTS, **FAST}[k] for k in ORDER), api_name="/process")
+                for _ in range(2)]
+        assert [len(job.result(timeout=120)) for job in jobs] == [1, 1]
+        assert len(users) == 2 and users[0] is not users[1]
+    finally:
+        demo.close()
