@@ -84,6 +84,12 @@ def _damaged_message(path, error):
             f"Download it again (compare its size with {CHECKPOINT_URL}).")
 
 
+def _unwrap(d, path):
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} holds a {type(d).__name__}, not a state dict.")
+    return get_state_dict(d)
+
+
 def load_state_dict(ckpt_path, location="cpu"):
     """The tensors of a `.safetensors`, `.pth` or `.ckpt` file, one level of 'state_dict' unwrapped
     (a torch file's twice, as upstream), on `location`."""
@@ -96,10 +102,8 @@ def load_state_dict(ckpt_path, location="cpu"):
         except (safetensors.SafetensorError, OSError) as e:
             raise CheckpointError(_damaged_message(ckpt_path, e)) from e
     else:
-        state_dict = get_state_dict(_torch_load(ckpt_path, location))
-    state_dict = get_state_dict(state_dict)
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{ckpt_path} holds a {type(state_dict).__name__}, not a state dict.")
+        state_dict = _unwrap(_torch_load(ckpt_path, location), ckpt_path)
+    state_dict = _unwrap(state_dict, ckpt_path)
     logger.info("Loaded state_dict from [%s]", ckpt_path)
     return state_dict
 
@@ -129,13 +133,18 @@ def _match_clip_layout(state_dict, expected):
     return {new + k[len(old):] if k.startswith(old) else k: v for k, v in state_dict.items()}
 
 
+def _shape(value):
+    return list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def check_state_dict(model, state_dict, source="checkpoint"):
     """Raise CheckpointError listing missing and unexpected keys and shape mismatches, if any."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k}: {list(state_dict[k].shape)} in the file, {list(v.shape)} in the model"
-                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    mismatched = [f"{k}: {_shape(state_dict[k])} in the file, {_shape(v)} in the model"
+                  for k, v in expected.items() if k in state_dict
+                  and _shape(state_dict[k]) != _shape(v)]
     if not (missing or unexpected or mismatched):
         return
     problems = []

@@ -145,6 +145,13 @@ def test_corrupted_file(tmp_path, tiny_state_dict, name, damage):
     assert path in str(info.value)
 
 
+def test_file_without_a_state_dict(tmp_path):
+    path = str(tmp_path / "tensor.pth")
+    torch.save(torch.ones(3), path)
+    with pytest.raises(CheckpointError, match=r"tensor\.pth holds a Tensor, not a state dict"):
+        load_state_dict(path)
+
+
 def test_pickle_with_code_is_refused_never_run(tmp_path, tiny_state_dict):
     marker = tmp_path / "pwned"
     path = str(tmp_path / "evil.ckpt")
