@@ -12,6 +12,9 @@ Scheme (chosen so 20 DDIM steps with guidance 9 stay finite at full size):
   gets gain BRANCH_GAIN < 1, so residual streams grow slowly from block to block.
 * Norm weights 1 + N(0, 0.1²); all biases and norm shifts N(0, 0.02²); embeddings N(0, 0.02²).
 The 13 schedule buffers and CLIP's position_ids are buffers, so they are never touched.
+Measured at full size on CPU (latent 16×16, t=951): ControlNet residuals std ≈ 0.3, eps std ≈ 0.17,
+20 DDIM steps with guidance 9 end at latents of std ≈ 11 and decode to images in ±3.3. Drawing all
+1.43 B values takes ≈ 20 s on 2 busy CPU cores.
 """
 import contextlib
 import hashlib
@@ -23,8 +26,13 @@ import time
 import torch
 import torch.nn as nn
 
-from cldm.model import DEFAULT_CHECKPOINT, CheckpointError, create_model, load_checkpoint, \
-    missing_checkpoint_message
+from cldm.model import (
+    DEFAULT_CHECKPOINT,
+    CheckpointError,
+    create_model,
+    load_checkpoint,
+    missing_checkpoint_message,
+)
 
 logger = logging.getLogger(__name__)
 
