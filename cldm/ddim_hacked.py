@@ -8,11 +8,12 @@ where 1000 // S does not divide evenly give more than S steps (S=6 runs 7).
 
 Changed from upstream:
 * Buffers follow the model's device instead of being moved to "cuda".
-* Step counts 3, 9, 27, 36 and 37 crash upstream with an IndexError: their uniform schedule ends at
+* Step counts 3, 9, 27, 36 and 37 (and, beyond the UI's 1..100, 101-111, 251-333 and 501-1000)
+  crash upstream with an IndexError: 1000 // S divides 999, so the uniform schedule ends at
   timestep 1000 (= num_timesteps). `make_schedule` drops timesteps >= num_timesteps. That is the
   smallest fix: every other count keeps exactly upstream's schedule (the dropped step does not
   exist for them), S=3 becomes 1, 334, 667 (3 steps, as asked) and S=9/27/36/37 run 9/27/36/37
-  steps. make_ddim_timesteps itself stays upstream-exact.
+  steps. make_ddim_timesteps itself stays upstream-exact (other code may rely on it).
 * No tqdm bar and no print(): `callback(i)` is called after every step (i = 0..N-1, as upstream)
   for progress bars; `verbose` goes to logging.
 * The training/inpainting extras (mask, x0, quantize, score corrector, dynamic threshold, ucg
@@ -71,7 +72,10 @@ class DDIMSampler:
             alphacums=alphas_cumprod, ddim_timesteps=self.ddim_timesteps, eta=ddim_eta,
             verbose=verbose)
         # Spec §4.8 dtypes: alphas float32 tensor, alphas_prev float64 numpy array, sigmas float64
-        # tensor, sqrt(1 - alphas) float32 tensor. The casts are no-ops on upstream's helpers.
+        # tensor, sqrt(1 - alphas) float32 tensor. The casts are no-ops on upstream's helpers,
+        # except for a one-step schedule (S=1), where upstream's alphas_prev and sigmas come out
+        # float32 (np.asarray of a lone float32 tensor); widening them is exact, and the float32
+        # scalars fed to torch.full are the same.
         alphas = torch.as_tensor(alphas, dtype=torch.float32)
         self.register_buffer("ddim_sigmas", torch.as_tensor(sigmas, dtype=torch.float64))
         self.register_buffer("ddim_alphas", alphas)
