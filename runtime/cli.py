@@ -35,9 +35,13 @@ A_PROMPT = "best quality, extremely detailed"
 N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
             "cropped, worst quality, low quality")
 DEFAULT_RESOLUTION, DEFAULT_STEPS = 512, 20
-# Full-size model, fp32, 2 CPU cores: measured in the final report of this file's author
-# (see the commit); keeps the default CPU run within about 5 minutes.
-CPU_RESOLUTION, CPU_STEPS = 256, 8
+# Full-size model, fp32, torch's 2 CPU threads, sample image (256x320 px), measured in CPU time
+# (process_time, robust to other jobs on the machine): model build with random weights 11 s, one
+# DDIM step (two model calls) 19.5 s, VAE decode 13 s. The whole default command
+# (`canny2image --random-weights`, 10 steps) took 287 s user + 54 s system CPU time on a shared
+# 2-core machine (11 min wall there, at 51 % of one core), i.e. about 3 minutes on two idle cores.
+# Upstream's 512 px / 20 steps costs ~4x per step and twice the steps: over 20 minutes.
+CPU_RESOLUTION, CPU_STEPS = 256, 10
 DEFAULT_SEED = 12345
 
 

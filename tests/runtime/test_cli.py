@@ -99,3 +99,15 @@ def test_no_traceback_from_the_real_process(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == f"canny2image: error: {tmp_path / 'nope.png'}: no such file or folder"
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cpu_run_without_flags_uses_smaller_defaults_and_the_sample(tmp_path, capsys):
+    outdir = tmp_path / "out"
+    code, out, err = _run(["--tiny", "--device", "cpu", "--ddim-steps", "1", "--quiet",
+                           "--outdir", str(outdir)], capsys)
+    assert code == 0, err
+    assert "--image-resolution 256 (upstream: 512)" in err
+    assert "--ddim-steps" not in err.split("shorter CPU run")[1].splitlines()[0]   # given
+    sample = Image.open(outdir / "sample_house_0_seed12345_random-weights.png")
+    assert sample.size == (320, 256)                       # 640x480 sample at 256
+    assert sample.text["prompt"] == "a house, best quality"
