@@ -24,7 +24,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
 SCREENSHOT = os.path.join(REPO, "docs", "screenshot_gradio.png")
-STEPS, IMAGES = 3, 2
+STEPS, IMAGES = 2, 2
 _RECORD_GALLERY_TEXTS = """() => {
     const gallery = document.querySelector("#gallery");
     window.galleryTexts = [];
@@ -72,7 +72,7 @@ def _set_slider(page, label, value):
         box.fill(str(value))
         box.press("Tab")
         try:
-            expect(slider).to_have_value(str(value), timeout=2_000)
+            expect(slider).to_have_value(str(value), timeout=3_000)
             return
         except AssertionError:
             continue
@@ -83,6 +83,8 @@ def test_run_in_browser(url, tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: run `apt-get install -y chromium` (Debian's "
                     "chromium; never `playwright install`)")
+    # Generous waits: CI machines and this one run other test suites at the same time.
+    expect.set_options(timeout=30_000)
     picture = tmp_path / "house.png"
     Image.fromarray(sample_image(640, 480)).save(picture)
 
@@ -91,11 +93,10 @@ def test_run_in_browser(url, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(url)
-            expect(page.get_by_text("Control Stable Diffusion with Canny Edge Maps")).to_be_visible(
-                timeout=30_000)
+            expect(page.get_by_text("Control Stable Diffusion with Canny Edge Maps")).to_be_visible()
 
             page.locator("input[type=file]").first.set_input_files(str(picture))
-            expect(page.locator("#input_image img").first).to_be_visible(timeout=30_000)
+            expect(page.locator("#input_image img").first).to_be_visible()
             page.get_by_label("Prompt", exact=True).fill(SAMPLE_PROMPT)
 
             page.get_by_text("Advanced options").click()
@@ -103,13 +104,14 @@ def test_run_in_browser(url, tmp_path):
             _set_slider(page, "Steps", STEPS)
             _set_slider(page, "Images", IMAGES)
             _set_slider(page, "Image Resolution", 256)
+            _set_slider(page, "Seed", 12345)      # the same screenshot on every run
 
             # Every text the gallery shows while it runs: the progress bar's "i/N steps" can be
             # on screen for a fraction of a second, too short to poll for reliably.
             page.evaluate(_RECORD_GALLERY_TEXTS)
             page.get_by_role("button", name="Run").click()
             thumbnails = page.locator("#gallery img")
-            expect(thumbnails).to_have_count(IMAGES + 1, timeout=120_000)
+            expect(thumbnails).to_have_count(IMAGES + 1, timeout=180_000)
             for i in range(IMAGES + 1):
                 expect(thumbnails.nth(i)).to_be_visible()
             expect(page.locator(".toast-body.error")).to_have_count(0)
