@@ -81,8 +81,8 @@ def environment(args):
         env["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
         env["dirty"] = bool(subprocess.check_output(["git", "status", "--porcelain", "--", "runtime", "kernels",
                                                      "ldm", "cldm", "benchmarks"], cwd=REPO, text=True).strip())
-    except Exception:
-        env["commit"] = None
+    except Exception:  # no .git on the machine (e.g. a copied tree): the caller may pass it
+        env["commit"] = os.environ.get("GIT_COMMIT")
     return env
 
 
@@ -344,7 +344,7 @@ def main():
     try:
         from benchmarks.plot import plot
         plot(base + ".json")
-    except ImportError as e:
+    except Exception as e:  # plots are a convenience: never fail the run over them
         log.info("no plots (%s): run benchmarks/plot.py %s.json where matplotlib is installed", e, base)
 
 

@@ -22,7 +22,7 @@ def plot(path):
     sizes = sorted({r["size"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
     base = os.path.splitext(path)[0]
-    title = f"{data['env']['device']} · torch {data['env']['torch']} · {data['env'].get('commit', '')[:8]}"
+    title = f"{data['env']['device']} · torch {data['env']['torch']} · {(data['env'].get('commit') or 'unknown commit')[:8]}"
 
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
