@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels.py --out benchmarks/results [--compile] [--quick]
 
-Shapes: ../shared/reference/hotspots_512.json (UNet/ControlNet at batch 2 = cond+uncond, VAE at
+Shapes: tests/data/hotspots_512.json (a copy of ../shared/reference/) (UNet/ControlNet at batch 2 = cond+uncond, VAE at
 batch 1), fp16. Timing: triton.testing.do_bench (median, 20/80 % quantiles, L2 flushed between
 runs). Ceilings measured in the same run: a 1 GiB device copy (TB/s, read+write) and an 8192³
 fp16 matmul (TFLOP/s). Each row is independent: an error is recorded in the row, the run goes on.
@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-HOTSPOTS = os.environ.get("CONTROLNET_HOTSPOTS") or os.path.join(
-    os.path.dirname(REPO), "shared", "reference", "hotspots_512.json")
+HOTSPOTS = os.environ.get("CONTROLNET_HOTSPOTS") or os.path.join(REPO, "tests", "data", "hotspots_512.json")
 
 import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402

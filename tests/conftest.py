@@ -15,7 +15,9 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "models", "cldm_tiny.yaml")
 FULL_CONFIG = os.path.join(REPO, "models", "cldm_v15.yaml")
-SHARED_REFERENCE = os.path.join(os.path.dirname(REPO), "shared", "reference")
+# Copies of ../shared/reference/ (the exact upstream state dict, every hot shape), so the suite
+# runs from any checkout.
+REFERENCE_DATA = os.path.join(REPO, "tests", "data")
 
 
 def pytest_collection_modifyitems(config, items):

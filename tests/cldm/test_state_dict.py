@@ -1,12 +1,12 @@
 """The full-size ControlLDM, built on the meta device, has upstream's exact state dict
-(../shared/reference/keys_control_sd15.tsv) and parameter counts (spec §6)."""
+(tests/data/keys_control_sd15.tsv, a copy of ../shared/reference/) and parameter counts (spec §6)."""
 import os
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FULL_CONFIG, SHARED_REFERENCE, TINY_CONFIG
+from conftest import FULL_CONFIG, REFERENCE_DATA, TINY_CONFIG
 from ldm.util import count_params, instantiate_from_config
 
 SCHEDULE_BUFFERS = [
@@ -42,7 +42,7 @@ PARAM_COUNTS = {
 
 
 def reference_entries():
-    with open(os.path.join(SHARED_REFERENCE, "keys_control_sd15.tsv")) as f:
+    with open(os.path.join(REFERENCE_DATA, "keys_control_sd15.tsv")) as f:
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
     return [(key, tuple(int(d) for d in shape.strip("[]").split(",") if d.strip()), dtype)
             for key, shape, dtype in rows]

@@ -1,5 +1,4 @@
-"""Every kernel at the pipeline's real shapes (../shared/reference/hotspots_512.json, batch 2 =
-cond+uncond; the VAE at batch 1) in fp16 and bf16, against fp64 references and no worse than 2x
+"""Every kernel at the pipeline's real shapes (tests/data/hotspots_512.json; batch 2 = cond+uncond; the VAE at batch 1) in fp16 and bf16, against fp64 references and no worse than 2x
 PyTorch's own error in the same dtype. Needs a GPU (skipped elsewhere by conftest)."""
 
 import json
@@ -14,7 +13,7 @@ from tolerances import assert_close, ref_attention, ref_group_norm
 pytestmark = pytest.mark.gpu
 
 HOTSPOTS = os.environ.get("CONTROLNET_HOTSPOTS") or os.path.join(
-    os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "hotspots_512.json")
+    os.path.dirname(__file__), "..", "data", "hotspots_512.json")
 DTYPES = [torch.float16, torch.bfloat16]
 
 
