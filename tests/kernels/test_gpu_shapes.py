@@ -1,5 +1,6 @@
 """Every kernel at the pipeline's real shapes (tests/data/hotspots_512.json; batch 2 = cond+uncond;
-the VAE at batch 1) in fp16 and bf16, against fp64 references and no worse than 2x PyTorch's own error in the same dtype. Needs a GPU (skipped elsewhere by conftest)."""
+the VAE at batch 1) in fp16 and bf16, against fp64 references and no worse than 2x PyTorch's own
+error in the same dtype. Needs a GPU (skipped elsewhere by conftest)."""
 
 import json
 import os
