@@ -18,7 +18,11 @@ def plot(path):
     with open(path) as f:
         data = json.load(f)
     rows = [r for r in data["rows"] if "error" not in r and r.get("size")]
-    names = list(dict.fromkeys(r["row"] for r in rows))
+    # the ablation's order, whatever order the rows were run in
+    order = ["reference", "fp16", "+kernels", "+batched_cfg", "+precompute", "+channels_last",
+             "+cuda_graph", "compile"]
+    names = sorted(dict.fromkeys(r["row"] for r in rows),
+                   key=lambda n: order.index(n) if n in order else len(order))
     sizes = sorted({r["size"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
     base = os.path.splitext(path)[0]
