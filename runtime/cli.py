@@ -52,8 +52,8 @@ class CliError(Exception):
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="canny2image",
-        description="ControlNet canny2image (SD1.5 + ControlNet, upstream-exact reference mode): "
-                    "edge map + generated images as PNGs.")
+        description="ControlNet canny2image (SD1.5 + ControlNet; upstream-exact reference mode or "
+                    "fast mode): edge map + generated images as PNGs.")
     p.add_argument("input", nargs="?",
                    help="an image file or a folder of images (default: a built-in sample picture)")
     p.add_argument("--prompt", default=None,
@@ -86,8 +86,9 @@ def parse_args(argv):
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--device", default="auto",
                    help="auto (the accelerator if there is one, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--mode", choices=("reference", "fast"), default="reference",
-                   help="reference: upstream-exact fp32 (default); fast: runtime/fast.py")
+    p.add_argument("--mode", choices=("reference", "fast"), default=None,
+                   help="reference: upstream-exact fp32; fast: fp16, batched guidance, kernels, "
+                        "CUDA/HIP graph (runtime/fast.py). Default: fast on a GPU, else reference")
     p.add_argument("--outdir", default=os.path.join(".", "outputs"),
                    help="output folder (default ./outputs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -184,6 +185,8 @@ def run(args):
     from runtime.sample import SAMPLE_NAME, SAMPLE_PROMPT, sample_image
 
     device = pick_device(args.device)
+    if args.mode is None:
+        args.mode = "reference" if device.type == "cpu" else "fast"
     say = lambda msg: print(f"canny2image: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     resolution, steps = args.image_resolution, args.ddim_steps
     cpu_choices = []
@@ -234,7 +237,7 @@ def run(args):
     kind = "tiny model" if args.tiny else "full-size model"
     weights = "random weights" if (args.tiny or args.random_weights) else (
         args.ckpt or "./models/control_sd15_canny.pth")
-    say(f"building the {kind} ({weights}) on {device} ...")
+    say(f"building the {kind} ({weights}) on {device}, {args.mode} mode ...")
     start = time.perf_counter()
     pipeline = build_pipeline(args, device)
     random_weights = bool(getattr(pipeline.model, "random_weights", False))
