@@ -23,7 +23,8 @@ REFERENCE_DATA = os.path.join(REPO, "tests", "data")
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a GPU: run `python -m pytest -m gpu` on a GPU machine (README, Tests)")
+    skip_gpu = pytest.mark.skip(
+        reason="needs a GPU: run `python -m pytest -m gpu` on a GPU machine (README, Tests)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
