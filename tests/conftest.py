@@ -20,6 +20,21 @@ FULL_CONFIG = os.path.join(REPO, "models", "cldm_v15.yaml")
 REFERENCE_DATA = os.path.join(REPO, "tests", "data")
 
 
+# Model vs independent reference (diffusers, transformers), fp32 on CPU:
+# max |ours - reference| <= REFERENCE_REL_TOL * max |reference|.
+REFERENCE_REL_TOL = 1e-4
+
+
+def assert_matches_reference(ours, ref, what, rel_tol=REFERENCE_REL_TOL):
+    """Checks `ours` against an independent reference; returns the relative max difference."""
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    assert torch.isfinite(ours).all(), what
+    assert scale > 1e-3, f"{what}: reference output is ~0, the comparison would prove nothing"
+    assert diff <= rel_tol * scale, f"{what}: max abs diff {diff:.3g} > {rel_tol} x {scale:.3g}"
+    return diff / scale
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

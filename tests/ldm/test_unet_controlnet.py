@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cldm.cldm import ControlNet, ControlledUnetModel
-from conftest import FULL_CONFIG, TINY_CONFIG
+from conftest import FULL_CONFIG, TINY_CONFIG, assert_matches_reference
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_controlnet_checkpoint,
@@ -20,9 +20,6 @@ from diffusers.loaders.single_file_utils import (
     create_unet_diffusers_config_from_ldm,
 )
 from ldm.util import instantiate_from_config
-
-# max |ours - diffusers| <= REL_TOL * max |diffusers output|, per output tensor (fp32 on CPU).
-REL_TOL = 1e-4
 
 GUESS_SCALES = [0.825 ** (12 - i) for i in range(13)]
 STRENGTH_SCALES = [0.7] * 13
@@ -43,15 +40,6 @@ def randomize_(module, seed):
                 values *= 0.05
             p.copy_(values)
     return module
-
-
-def assert_close(ours, ref, what):
-    scale = ref.abs().max().item()
-    diff = (ours - ref).abs().max().item()
-    assert torch.isfinite(ours).all(), what
-    assert scale > 1e-3, f"{what}: reference output is ~0, the comparison would prove nothing"
-    assert diff <= REL_TOL * scale, f"{what}: max abs diff {diff:.3g} > {REL_TOL} x {scale:.3g}"
-    return diff / scale
 
 
 def original_config(path, **overrides):
@@ -136,17 +124,17 @@ def test_tiny_unet_and_controlnet_match_diffusers(variant):
         assert len(outs) == len(ref_outs) == len(control.input_blocks) + 1
         for i, (o, r) in enumerate(zip(outs, ref_outs)):
             assert o.shape == r.shape
-            assert_close(o, r, f"{variant} control residual {i}")
+            assert_matches_reference(o, r, f"{variant} control residual {i}")
 
         for scales in (GUESS_SCALES, STRENGTH_SCALES):
             scaled = [c * s for c, s in zip(outs, scales)]
             eps = unet(x, t, context, control=scaled)
             _, ref_eps = diffusers_eps(dunet, dcontrol, x, hint, t, context, scales)
-            assert_close(eps, ref_eps, f"{variant} eps with control")
+            assert_matches_reference(eps, ref_eps, f"{variant} eps with control")
 
         eps = unet(x, t, context, control=None)
         ref = dunet(x, t, encoder_hidden_states=context, return_dict=False)[0]
-        assert_close(eps, ref, f"{variant} eps without control")
+        assert_matches_reference(eps, ref, f"{variant} eps without control")
 
 
 def test_tiny_controlldm_apply_model_matches_diffusers():
@@ -168,12 +156,12 @@ def test_tiny_controlldm_apply_model_matches_diffusers():
         cond = {"c_concat": [hint], "c_crossattn": [context[:, :40], context[:, 40:]]}
         eps = model.apply_model(x, t, cond)
         _, ref = diffusers_eps(dunet, dcontrol, x, hint, t, context, GUESS_SCALES)
-        assert_close(eps, ref, "apply_model with control")
+        assert_matches_reference(eps, ref, "apply_model with control")
         assert model.control_scales == GUESS_SCALES
 
         eps = model.apply_model(x, t, {"c_concat": None, "c_crossattn": [context]})
         ref = dunet(x, t, encoder_hidden_states=context, return_dict=False)[0]
-        assert_close(eps, ref, "apply_model without hint")
+        assert_matches_reference(eps, ref, "apply_model without hint")
 
         model.only_mid_control = True
         eps = model.apply_model(x, t, {"c_concat": [hint], "c_crossattn": [context]})
@@ -182,7 +170,7 @@ def test_tiny_controlldm_apply_model_matches_diffusers():
         zeros = [torch.zeros_like(d) for d in down]
         ref = dunet(x, t, encoder_hidden_states=context, down_block_additional_residuals=zeros,
                     mid_block_additional_residual=mid * GUESS_SCALES[len(down)], return_dict=False)[0]
-        assert_close(eps, ref, "apply_model with only_mid_control")
+        assert_matches_reference(eps, ref, "apply_model with only_mid_control")
 
 
 def test_control_list_is_not_consumed():
@@ -224,7 +212,7 @@ def test_full_size_single_call_matches_diffusers():
     gc.collect()
     ref_outs = list(down) + [mid]
     for i, (o, r) in enumerate(zip(outs, ref_outs)):
-        assert_close(o, r, f"full-size control residual {i}")
+        assert_matches_reference(o, r, f"full-size control residual {i}")
 
     with torch.device("meta"):
         unet = ControlledUnetModel(**params["unet_config"]["params"])
@@ -241,4 +229,4 @@ def test_full_size_single_call_matches_diffusers():
                     mid_block_additional_residual=control[-1], return_dict=False)[0]
     del dunet
     gc.collect()
-    assert_close(eps, ref, "full-size eps")
+    assert_matches_reference(eps, ref, "full-size eps")

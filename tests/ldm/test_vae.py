@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FULL_CONFIG, TINY_CONFIG
+from conftest import FULL_CONFIG, TINY_CONFIG, assert_matches_reference
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
@@ -16,9 +16,6 @@ from diffusers.loaders.single_file_utils import (
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from runtime.weights import random_weights_
-
-# max |ours - diffusers| <= REL_TOL * max |diffusers output| (fp32 on CPU).
-REL_TOL = 1e-4
 
 
 def build_pair(config_path, seed=0):
@@ -35,29 +32,20 @@ def build_pair(config_path, seed=0):
     return ours, theirs
 
 
-def max_rel_diff(ours, ref, what):
-    scale = ref.abs().max().item()
-    diff = (ours - ref).abs().max().item()
-    assert torch.isfinite(ours).all(), what
-    assert scale > 1e-3, f"{what}: reference output is ~0, the comparison would prove nothing"
-    assert diff <= REL_TOL * scale, f"{what}: max abs diff {diff:.3g} > {REL_TOL} x {scale:.3g}"
-    return diff / scale
-
-
 @torch.no_grad()
 def test_tiny_decode_and_encode_match_diffusers():
     ours, theirs = build_pair(TINY_CONFIG)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 4, 5, 7, generator=g)  # odd latent size
-    max_rel_diff(ours.decode(z), theirs.decode(z).sample, "decode")
+    assert_matches_reference(ours.decode(z), theirs.decode(z).sample, "decode")
 
     x = torch.rand(2, 3, 48, 40, generator=g) * 2 - 1
     posterior = ours.encode(x)
     reference = theirs.encode(x).latent_dist
     assert isinstance(posterior, DiagonalGaussianDistribution)
     assert posterior.mean.shape == (2, 4, 6, 5)
-    max_rel_diff(posterior.mean, reference.mean, "posterior mean")
-    max_rel_diff(posterior.std, reference.std, "posterior std")
+    assert_matches_reference(posterior.mean, reference.mean, "posterior mean")
+    assert_matches_reference(posterior.std, reference.std, "posterior std")
     assert torch.equal(posterior.mode(), posterior.mean)
 
 
@@ -69,7 +57,7 @@ def test_full_size_decode_matches_diffusers():
     z = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(2)) / 0.18215
     out = ours.decode(z)
     assert out.shape == (1, 3, 96, 128)
-    max_rel_diff(out, theirs.decode(z).sample, "full-size decode")
+    assert_matches_reference(out, theirs.decode(z).sample, "full-size decode")
 
 
 def test_posterior_clamps_logvar_and_samples():
