@@ -291,7 +291,7 @@ def main():
         return compile_row(args)
 
     env = environment(args)
-    env["config"] = args.config
+    env["config"] = os.path.relpath(os.path.abspath(args.config), REPO)  # no machine paths in results
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(args.config, random_weights=True, device=device, seed=0)
