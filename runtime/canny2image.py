@@ -2,31 +2,9 @@
 
 Reference mode runs exactly upstream's steps in float32 with cldm/ddim_hacked.py's sampler:
 resize + Canny, hint tensor, seed, CLIP cond/uncond, control scales, DDIM, VAE decode, uint8 by
-truncation; the result is [255 - edge map] + samples.
-
-Before any of that, every parameter is checked and bad ones raise InputError with a message a
-person can act on. The checks reject only values upstream would crash on, or that make no sense;
-for every value they accept the result is the one upstream computes. Ranges (UI range in brackets):
-  num_samples      integer 1..32                     [1..12]   (memory: one latent per sample)
-  image_resolution integer 64..2048                  [256..768] (a side must round to >= 64 px)
-  ddim_steps       integer 1..1000                   [1..100]
-  strength         finite 0..10                      [0..2]
-  scale            finite, > 0 and <= 100            [0.1..30]
-  eta              finite 0..1 (DDIM's range; above 1 the update can take sqrt of a negative)
-  seed             integer -1..2**32-1 (-1 = random.randint(0, 65535), as upstream)
-  low/high_threshold finite 0..2040 (the largest 3x3 Sobel L1 gradient) [1..255]; low > high is
-                   allowed: cv2.Canny swaps them, as upstream would.
-  prompts          str of at most 10000 characters (CLIP keeps 77 tokens anyway)
-  resized image    each side at most 8192 px (a very long panorama would exhaust memory)
-Integral floats (512.0, as some UI sliders send) are accepted where an integer is needed.
-
-Input images (RGB order, as the Gradio UI gives): uint8 HxW, HxWx1, HxWx3 or HxWx4 (RGBA is
-composited over white by HWC3). uint16 images are reduced to uint8 by >> 8 (the high byte, the
-usual 16 -> 8 bit conversion). Float and other dtypes are rejected: a float image may mean 0..1 or
-0..255 and guessing would silently change the picture.
+truncation; the result is [255 - edge map] + samples. Every parameter is checked first
+(runtime/inputs.py: the rules the CLI and the demo share).
 """
-import math
-import numbers
 import random
 
 import numpy as np
@@ -36,103 +14,9 @@ from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.ddim_hacked import DDIMSampler
 from runtime.errors import InputError
-from runtime.seed import MAX_SEED, seed_everything
-
-MODES = ("reference", "fast")
-MAX_SAMPLES = 32
-MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
-MAX_STEPS = 1000
-MAX_STRENGTH = 10.0
-MAX_SCALE = 100.0
-MAX_THRESHOLD = 2040.0
-MAX_PROMPT_CHARS = 10000
-MAX_SIDE = 8192
-
-
-def _integer(name, value, low, high):
-    if isinstance(value, (bool, np.bool_)):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
-        if not math.isfinite(value) or not float(value).is_integer():
-            raise InputError(f"{name} must be an integer, got {value!r}")
-    elif not isinstance(value, numbers.Integral):
-        raise InputError(f"{name} must be an integer, got {type(value).__name__}")
-    value = int(value)
-    if not low <= value <= high:
-        raise InputError(f"{name} must be in {low}..{high}, got {value}")
-    return value
-
-
-def _real(name, value, low, high, low_open=False):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (low_open and value == low) or value > high:
-        bound = f"> {low} and <= {high}" if low_open else f"in {low}..{high}"
-        raise InputError(f"{name} must be {bound}, got {value}")
-    return value
-
-
-def _text(name, value):
-    if not isinstance(value, str):
-        raise InputError(f"{name} must be a string, got {type(value).__name__}")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise InputError(f"{name} is too long: {len(value)} characters (at most {MAX_PROMPT_CHARS})")
-    return value
-
-
-def to_uint8_image(image):
-    """Check an input image and return it as uint8 HxW or HxWxC (C in 1, 3, 4)."""
-    if not isinstance(image, np.ndarray):
-        raise InputError(f"input_image must be a numpy array, got {type(image).__name__}")
-    if image.ndim not in (2, 3):
-        raise InputError(f"input_image must be HxW or HxWxC, got shape {image.shape}")
-    if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
-        raise InputError(
-            f"input_image must have 1, 3 or 4 channels (gray, RGB, RGBA), got shape {image.shape}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise InputError(f"input_image is empty (shape {image.shape})")
-    if image.dtype == np.uint16:
-        return (image >> 8).astype(np.uint8)
-    if image.dtype != np.uint8:
-        hint = " (multiply by 255 and round first if it is 0..1)" if image.dtype.kind == "f" else ""
-        raise InputError(f"input_image must be uint8 or uint16, got {image.dtype}{hint}")
-    return image
-
-
-def resized_shape(height, width, resolution):
-    """(H, W) that resize_image will produce, for checking before any work is done."""
-    k = float(resolution) / min(float(height), float(width))
-    return (int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64)
-
-
-def check_inputs(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
-                 ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold, high_threshold):
-    """Validate all parameters; return them normalized (or raise InputError)."""
-    image = to_uint8_image(input_image)
-    prompt, a_prompt, n_prompt = (_text(n, v) for n, v in
-                                  (("prompt", prompt), ("a_prompt", a_prompt),
-                                   ("n_prompt", n_prompt)))
-    num_samples = _integer("num_samples", num_samples, 1, MAX_SAMPLES)
-    image_resolution = _integer("image_resolution", image_resolution,
-                                MIN_RESOLUTION, MAX_RESOLUTION)
-    ddim_steps = _integer("ddim_steps", ddim_steps, 1, MAX_STEPS)
-    if not isinstance(guess_mode, (bool, np.bool_)):
-        raise InputError(f"guess_mode must be True or False, got {guess_mode!r}")
-    strength = _real("strength", strength, 0.0, MAX_STRENGTH)
-    scale = _real("scale", scale, 0.0, MAX_SCALE, low_open=True)
-    seed = _integer("seed", seed, -1, MAX_SEED)
-    eta = _real("eta", eta, 0.0, 1.0)
-    low_threshold = _real("low_threshold", low_threshold, 0.0, MAX_THRESHOLD)
-    high_threshold = _real("high_threshold", high_threshold, 0.0, MAX_THRESHOLD)
-    h, w = resized_shape(image.shape[0], image.shape[1], image_resolution)
-    if max(h, w) > MAX_SIDE:
-        raise InputError(
-            f"the image would be resized to {w}x{h}: its aspect ratio is too extreme "
-            f"(each side at most {MAX_SIDE} px); crop it or lower image_resolution")
-    return (image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
-            bool(guess_mode), strength, scale, seed, eta, low_threshold, high_threshold)
+from runtime.inputs import (MAX_PROMPT_CHARS, MODES, check_inputs, control_scales,  # noqa: F401
+                            resized_shape, to_uint8_image)
+from runtime.seed import seed_everything
 
 
 class Canny2Image:
@@ -199,8 +83,7 @@ class Canny2Image:
                    "c_crossattn": [model.get_learned_conditioning([n_prompt] * num_samples)]}
         shape = (4, H // 8, W // 8)
 
-        model.control_scales = ([strength * (0.825 ** float(12 - i)) for i in range(13)]
-                                if guess_mode else ([strength] * 13))
+        model.control_scales = control_scales(strength, guess_mode)
         callback = None
         if progress is not None:
             sampler = self.ddim_sampler

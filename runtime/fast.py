@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import GroupNorm32, timestep_embedding
+from runtime import inputs
 from runtime.seed import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -582,8 +583,7 @@ class FastRunner:
         cfg = ctx_u is not None and scale != 1.0
         key = (h, w, batch, bool(guess_mode), cfg)
         if control_scales is None:
-            control_scales = ([strength * (0.825 ** float(12 - i)) for i in range(13)]
-                              if guess_mode else [strength] * 13)
+            control_scales = inputs.control_scales(strength, guess_mode)
         sched = ddim_schedule(self.model, steps, eta, self.device)
         e = self._entry(key)
         hint = hint.to(self.device)
@@ -680,8 +680,7 @@ class FastRunner:
         hint = hint.to(self._ref_dtype())
         cond = {"c_concat": [hint], "c_crossattn": [ctx_c]}
         un_cond = {"c_concat": None if guess_mode else [hint], "c_crossattn": [ctx_u]}
-        m.control_scales = ([strength * (0.825 ** float(12 - i)) for i in range(13)]
-                            if guess_mode else [strength] * 13)
+        m.control_scales = inputs.control_scales(strength, guess_mode)
         z, _ = DDIMSampler(m).sample(steps, B, tuple(x_T.shape[1:]), cond, verbose=False, eta=eta,
                                      unconditional_guidance_scale=scale,
                                      unconditional_conditioning=un_cond, x_T=x_T)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import REFERENCE_DATA
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizer import CLIPBPETokenizer, default_bpe_path
 
@@ -238,7 +239,7 @@ def test_hidden_and_pooled_layers():
 def test_state_dict_keys_match_checkpoint_layout():
     with torch.device("meta"):
         model = FrozenCLIPEmbedder()
-    path = os.path.join(os.path.dirname(REPO), "shared", "reference", "keys_control_sd15.tsv")
+    path = os.path.join(REFERENCE_DATA, "keys_control_sd15.tsv")
     with open(path) as f:
         rows = [line.rstrip("\n").split("\t") for line in f if line.startswith("cond_stage_model.")]
     ours = [("cond_stage_model." + k, json.dumps(list(v.shape)),
