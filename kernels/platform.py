@@ -224,15 +224,19 @@ _CUDA = {
 # per SIMD, WMMA 16x16x16 fp16/bf16). Not run on such a GPU: chosen from the compile report
 # (benchmarks/results/compile_report.md) so that every launch has no spills and no scratch.
 _HIP = {
+    # attention, compile report (Triton 3.8): d40 64x64 201 VGPRs (occupancy 7), d80 64x32 225
+    # (6), no spills. d160 (padded 256): 32x32 at 4 waves spilled 156 VGPRs (628 B scratch), 64x32
+    # at 8 waves spilled 148; 32x32 at 8 waves has 244 VGPRs, no spills. waves_per_eu is left to
+    # the compiler: waves_per_eu=2 pushed d40 from 183 to 256 VGPRs with spills (issue 8).
     "attention": {
         64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
         128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
-        256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+        256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
     },
     "attention_short_kv": {
         64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
         128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
-        256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+        256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
     },
     "group_norm": dict(ONE_PASS_MAX=8192, BLOCK=2048, PROGRAMS_PER_SM=8, MAX_SPLITS=64,
                        num_warps=8, one_pass_warps=16),
@@ -245,15 +249,19 @@ _HIP = {
 # program work for both; num_warps counts 64-wide waves here and is capped at 16).
 _CDNA = {
     **_HIP,
+    # attention, compile report (Triton 3.8): self-attention 128x64 at 4 waves (d40 146 VGPRs,
+    # d80 228, no spills; d160 64x32: 252). Over <= 128 keys the masked tail costs registers:
+    # 128x64 reached 288 VGPRs (occupancy 1) at d80 and the causal CLIP launch spilled, so short-KV
+    # launches use 64x32 (98-144 VGPRs) and 32x32 at d160 (210; 64x32 had 259, occupancy 1).
     "attention": {
         64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
         128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
         256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
     },
     "attention_short_kv": {
-        64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
-        128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
-        256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+        64: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+        128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+        256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
     },
 }
 
