@@ -1,6 +1,6 @@
 """Benchmark every Triton kernel at the pipeline's real shapes against PyTorch.
 
-    python benchmarks/bench_kernels.py --out benchmarks/results [--compile] [--quick]
+    python benchmarks/bench_kernels.py --out benchmarks/results [--compile] [--quick] [--only attention]
 
 Shapes: tests/data/hotspots_512.json (a copy of ../shared/reference/) (UNet/ControlNet at batch 2 = cond+uncond, VAE at
 batch 1), fp16. Timing: triton.testing.do_bench (median, 20/80 % quantiles, L2 flushed between
@@ -231,6 +231,9 @@ def _meta(args):
     return dict(timing="cuda graph replay" if MODE["graph"] else "eager launches",
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 hip=torch.version.hip, cuda=torch.version.cuda, commit=commit, kernels_dirty=dirty,
+                sdpa_enabled={b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in
+                              ("flash", "mem_efficient", "cudnn", "math")
+                              if hasattr(torch.backends.cuda, f"{b}_sdp_enabled")},
                 python=pyplatform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                 command=" ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]))
 
@@ -267,6 +270,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="also time torch.compile of eager GN+SiLU")
     p.add_argument("--quick", action="store_true", help="skip eager attention and NHWC rows")
     p.add_argument("--no-graph", action="store_true", help="time eager launches (host overhead in)")
+    p.add_argument("--only", choices=["attention"], help="only the attention rows (Triton vs SDPA)")
     args = p.parse_args()
     MODE["graph"] = not args.no_graph
     if not torch.cuda.is_available():
@@ -275,11 +279,12 @@ def main():
     meta = _meta(args)  # after MODE is set
     ceil = ceilings()
     rows = attention_rows(ceil, args.quick)
-    rows += group_norm_rows(ceil, args.compile, args.quick)
-    rows += elementwise_rows(ceil)
+    if not args.only:
+        rows += group_norm_rows(ceil, args.compile, args.quick)
+        rows += elementwise_rows(ceil)
     meta["seconds"] = round(time.time() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", meta["gpu"]).strip("_").lower()
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", meta["gpu"]).strip("_").lower() + (f"_{args.only}" if args.only else "")
     with open(os.path.join(args.out, f"kernels_{tag}.json"), "w") as f:
         json.dump(dict(meta=meta, ceilings=ceil, rows=rows), f, indent=1)
     md = _markdown(meta, ceil, rows)
