@@ -53,12 +53,13 @@ def _tensors(H, d, Lq, Lk, dtype):
 
 
 def _warm(job):
-    """Worker: compile one (shape, config) by running it once (fills the Triton disk cache)."""
+    """Worker: compile one (shape, config[, dtype]) by running it once (fills the Triton disk
+    cache). config None: the platform's own choice."""
     import torch
     from kernels.attention import attention
-    (H, d, Lq, Lk, causal), cfg = job
+    (H, d, Lq, Lk, causal), cfg, *dt = job
     try:
-        q, k, v = _tensors(H, d, Lq, Lk, torch.float16)
+        q, k, v = _tensors(H, d, Lq, Lk, getattr(torch, dt[0]) if dt else torch.float16)
         attention(q, k, v, H, causal=causal, config=cfg)
         torch.cuda.synchronize()
         return None
@@ -70,9 +71,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--jobs", type=int, default=12)
-    p.add_argument("--phase", choices=["all", "warm", "time"], default="all",
-                   help="warm: only compile (fill TRITON_CACHE_DIR); time: only time (cache warm)")
+    p.add_argument("--phase", choices=["all", "warm", "time", "warm-defaults"], default="all",
+                   help="warm: only compile (fill TRITON_CACHE_DIR); time: only time (cache warm); "
+                        "warm-defaults: compile the platform's own configs in fp16 and bf16")
     args = p.parse_args()
+    if args.phase == "warm-defaults":
+        jobs = [(s, None, dt) for s in shapes() for dt in ("float16", "bfloat16")]
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            errors = [e for e in pool.map(_warm, jobs, chunksize=1) if e]
+        print(f"compiled {len(jobs)} default launches; errors: {errors}")
+        return
     jobs = [(s, c) for s in shapes() for c in candidates(s[1], s[3])]
     if args.phase == "time":
         errors = [None] * len(jobs)  # a failing config fails again when timed

@@ -199,18 +199,28 @@ def fp32_dot_ok() -> bool:
 # CUDA: tuned for H100 (sm_90, 132 SMs, 228 KB smem/SM). num_stages > 1 lets Triton pipeline the
 # K/V loads of the attention loop with cp.async / TMA-less loads.
 _CUDA = {
-    # attention: (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head-dim bucket.
+    # attention: (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head-dim bucket. Chosen by
+    # benchmarks/sweep_attention.py on an H200 (torch 2.11, Triton 3.6, fp16, CFG batch 2, graph
+    # replay), best of 24-36 candidates per shape: d40 4096² 128x64/4/3 0.177 ms (SDPA 0.152);
+    # d80 1024² 128x128/8/3 0.0207 ms (SDPA 0.0182); d160 256² 64x64/4/2 0.0083 ms (SDPA 0.0104).
     "attention": {
         64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        256: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        256: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     },
-    # cross-attention over <= 128 keys: one or two K/V tiles, nothing to pipeline.
+    # cross-attention over <= 128 keys (and CLIP's 77 causal): one or two K/V tiles, nothing to
+    # pipeline. Same sweep: d40 x77 64x64 0.0108 ms (SDPA 0.0137), CLIP 64x64 0.0039 (0.0065),
+    # d80 x77 64x64 0.0056 (0.0082), d160 x77 64x32 0.0062 (0.0086), d160 64x64 64x32 0.0048 (0.0083).
     "attention_short_kv": {
-        64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=1),
-        128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1),
-        256: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+        64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+        128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+        256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
     },
+    # which of the Triton kernel and SDPA is faster, by (self-attention, padded head-dim bucket),
+    # from the same H200 sweep: SDPA wins self-attention at d40 (0.86x) and d80 (0.88x); the
+    # kernel wins d160 self-attention (1.25x at 256², 1.7x at 64²) and every cross-attention.
+    "attention_faster": {(True, 64): "sdpa", (True, 128): "sdpa", (True, 256): "triton",
+                         (False, 64): "triton", (False, 128): "triton", (False, 256): "triton"},
     # group norm: groups up to ONE_PASS_MAX elements are held in registers by one program
     # (one read, one write, one launch); larger groups use the split two-kernel path with
     # ~PROGRAMS_PER_SM programs per SM per kernel so 132 SMs fill even at 64 groups.
@@ -305,3 +315,64 @@ def launch_options(cfg: dict) -> dict:
     if is_hip() and not is_interpreter() and "waves_per_eu" in cfg:
         opts["waves_per_eu"] = int(cfg["waves_per_eu"])
     return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention backend for fast mode: the Triton kernel or PyTorch's SDPA.
+_LOGGED: set = set()
+
+
+def sdpa_fused_backends(device) -> list[str]:
+    """torch's fused SDPA kernels ("flash", "mem_efficient") that accept fp16 [2, 8, 256, d] for
+    d = 40, 80, 160 on `device`, as torch itself reports them (torch.backends.cuda.can_use_*).
+    On ROCm this is where torch says e.g. that its flash kernels do not cover that GPU."""
+    cb = torch.backends.cuda
+    found = []
+    try:
+        for name, check in (("flash", cb.can_use_flash_attention),
+                            ("mem_efficient", cb.can_use_efficient_attention)):
+            ok = True
+            for d in (40, 80, 160):
+                q = torch.empty(2, 8, 256, d, device=device, dtype=torch.float16)
+                try:
+                    params = cb.SDPAParams(q, q, q, None, 0.0, False, False)
+                except TypeError:  # torch < 2.5: no enable_gqa argument
+                    params = cb.SDPAParams(q, q, q, None, 0.0, False)
+                ok = ok and bool(check(params, False))
+            if ok:
+                found.append(name)
+    except (AttributeError, RuntimeError) as e:  # an old torch without the queries
+        logger.info("attention_backend: could not query SDPA backends (%s)", e)
+    return found
+
+
+def attention_backend(device, *, self_attention: bool = True, head_dim: int = 40) -> tuple[str, str]:
+    """("triton" | "sdpa", reason) for fast mode's attention on `device`. Logged once per answer.
+
+    ROCm: the Triton kernel wherever torch reports no fused SDPA kernel for the GPU (SDPA would
+    fall back to its math path, which materialises the N×N logits: 2·8·4096² fp16 = 512 MB per
+    call at 512²); where torch has one, SDPA. CUDA: the faster of the two by measurement
+    (_CUDA["attention_faster"]). The VAE's d=512 head always uses SDPA (kernels/attention.py)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        name, reason = "sdpa", f"device {device.type}: the Triton kernels run on GPUs"
+    elif not triton_available():
+        name, reason = "sdpa", "triton is not installed"
+    elif is_hip():
+        fused = sdpa_fused_backends(device)
+        if fused:
+            name, reason = "sdpa", (f"torch {torch.__version__} has fused SDPA ({', '.join(fused)}) "
+                                    f"for {arch()}")
+        else:
+            name, reason = "triton", (f"torch {torch.__version__} reports no fused SDPA kernel "
+                                      f"(flash / memory-efficient) for {arch()}: SDPA would use "
+                                      f"its math path")
+    else:
+        bucket = max(64, 1 << (max(1, head_dim) - 1).bit_length())
+        kind = "self" if self_attention else "cross"
+        name = _CUDA["attention_faster"].get((bool(self_attention), bucket), "sdpa")
+        reason = f"faster for {kind}-attention at head dim {head_dim} (H200 measurement in platform.py)"
+    if (name, reason) not in _LOGGED:
+        _LOGGED.add((name, reason))
+        logger.info("attention backend: %s (%s)", name, reason)
+    return name, reason
