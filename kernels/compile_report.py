@@ -208,7 +208,9 @@ def compile_launch(launch: Launch, target_name: str) -> dict:
     row = {"target": target_name, "kernel": launch.kernel, "config": launch.brief(),
            "num_warps": launch.options.get("num_warps"), "num_stages": launch.options.get("num_stages"),
            "waves_per_eu": launch.options.get("waves_per_eu"),
-           "has_dot": "tl.dot(" in launch.fn.src, "sites": sorted({u["site"] for u in launch.uses}),
+           "has_dot": "tl.dot(" in launch.fn.src,
+           "pointer_types": sorted({v for v in launch.signature.values()
+                                    if isinstance(v, str) and v.startswith("*")}), "sites": sorted({u["site"] for u in launch.uses}),
            "calls": len(launch.uses)}
     try:
         compiled = triton.compile(src, target=_gpu_target(t), options=launch.options)
