@@ -68,11 +68,10 @@ class Launch:
                 repr(sorted(self.attrs.items())), repr(sorted(self.options.items())))
 
     def brief(self):
-        ce = {k[0] if isinstance(k, tuple) else k: v for k, v in self.constexprs.items()}
+        """The kernel's own constexprs (upper-case names), e.g. 'HEAD_DIM=40, BLOCK_M=64'."""
         names = self.fn.arg_names
-        ce = {names[k] if isinstance(k, int) else k: (str(v) if not isinstance(v, (int, float, bool))
-              else v) for k, v in ce.items()}
-        return ", ".join(f"{k}={v}" for k, v in ce.items() if k.isupper())
+        items = ((names[k[0]] if isinstance(k, tuple) else k, v) for k, v in self.constexprs.items())
+        return ", ".join(f"{n}={v}" for n, v in items if n.isupper())
 
 
 def _gpu_target(t: platform.Target):
@@ -236,15 +235,15 @@ def uncovered_hotspots(launches: list[Launch]) -> list[str]:
             want = dict(H=e["heads"], Lq=e["q_len"], Lk=e["kv_len"])
             ok = any(k == "_attn_fwd_kernel" and all(a.get(n) == v for n, v in want.items())
                      and a["Q"][-1] == e["heads"] * e["head_dim"] for k, a, _ in args)
-        else:
-            ok = any("gn" in k and any(isinstance(v, list) and v[1:] == e["shape"][1:]
-                                       for v in a.values()) for k, a, _ in args)
+        else:  # a group-norm shape: any launch (GN or a fused kernel) over such a tensor
+            ok = any(any(isinstance(v, list) and v[1:] == e["shape"][1:] for v in a.values())
+                     for _, a, _ in args)
         if not ok:
             missing.append(f"{e['kind']} {e['name']}")
     return missing
 
 
-def report(targets, jobs_note="") -> dict:
+def report(targets) -> dict:
     ok, version = triton_version_ok()
     if not ok:
         raise RuntimeError(version)
