@@ -1,6 +1,6 @@
 """Benchmark every Triton kernel at the pipeline's real shapes against PyTorch.
 
-    python benchmarks/bench_kernels.py --out benchmarks/results [--compile] [--quick]
+    python benchmarks/bench_kernels.py --out benchmarks/results [--compile] [--quick] [--only attention]
 
 Shapes: tests/data/hotspots_512.json (a copy of ../shared/reference/) (UNet/ControlNet at batch 2 = cond+uncond, VAE at
 batch 1), fp16. Timing: triton.testing.do_bench (median, 20/80 % quantiles, L2 flushed between
@@ -31,6 +31,7 @@ HOTSPOTS = os.environ.get("CONTROLNET_HOTSPOTS") or os.path.join(REPO, "tests", 
 import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
+from kernels import platform  # noqa: E402
 from kernels.activations import activation  # noqa: E402
 from kernels.attention import attention  # noqa: E402
 from kernels.geglu import geglu  # noqa: E402
@@ -121,6 +122,8 @@ def attention_rows(ceil, quick):
             row["frac_of_matmul"] = row["triton_TFLOPs"] / ceil["matmul_fp16_TFLOPs"]
             row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["triton_ms"]
             row["path"] = "sdpa (d>256 by design)" if d > 256 else "triton"
+            row["fast_mode_backend"] = "sdpa" if d > 256 else platform.attention_backend(
+                "cuda", self_attention=e["self_or_cross"] == "self", head_dim=d)[0]
         except Exception as ex:  # record and go on
             row["error"] = f"{type(ex).__name__}: {ex}"[:300]
         rows.append(row)
@@ -221,16 +224,22 @@ def elementwise_rows(ceil):
 
 
 def _meta(args):
+    commit, dirty = args.commit or "unknown", None
     try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
-                                         stderr=subprocess.DEVNULL).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--", "kernels"],
-                                             cwd=REPO, text=True).strip())
+        top = subprocess.check_output(["git", "rev-parse", "--show-toplevel"], cwd=REPO, text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+        if not args.commit and os.path.realpath(top) == os.path.realpath(REPO):  # not a copy
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
+            dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--", "kernels"],
+                                                 cwd=REPO, text=True).strip())
     except Exception:
-        commit, dirty = "unknown", None
+        pass
     return dict(timing="cuda graph replay" if MODE["graph"] else "eager launches",
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 hip=torch.version.hip, cuda=torch.version.cuda, commit=commit, kernels_dirty=dirty,
+                sdpa_enabled={b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in
+                              ("flash", "mem_efficient", "cudnn", "math")
+                              if hasattr(torch.backends.cuda, f"{b}_sdp_enabled")},
                 python=pyplatform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                 command=" ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]))
 
@@ -251,7 +260,7 @@ def _markdown(meta, ceil, rows):
         if r["kernel"] == "attention":
             base, sp = r["sdpa_ms"], r["speedup_vs_sdpa"]
             rate, frac = f"{r['triton_TFLOPs']:.0f} TFLOP/s", r["frac_of_matmul"]
-            note = f"vs SDPA; {r['kind']}; {r['path']}" + (f"; eager {r['eager_ms']:.3f}" if "eager_ms" in r else "")
+            note = f"vs SDPA; {r['kind']}; {r['path']}; fast mode: {r.get('fast_mode_backend')}" + (f"; eager {r['eager_ms']:.3f}" if "eager_ms" in r else "")
         else:
             base, sp = r["eager_ms"], r["speedup_vs_eager"]
             rate, frac = f"{r['triton_TBps']:.2f} TB/s", r["frac_of_copy"]
@@ -267,6 +276,8 @@ def main():
     p.add_argument("--compile", action="store_true", help="also time torch.compile of eager GN+SiLU")
     p.add_argument("--quick", action="store_true", help="skip eager attention and NHWC rows")
     p.add_argument("--no-graph", action="store_true", help="time eager launches (host overhead in)")
+    p.add_argument("--commit", help="the code's commit, when run from a copy without .git")
+    p.add_argument("--only", choices=["attention"], help="only the attention rows (Triton vs SDPA)")
     args = p.parse_args()
     MODE["graph"] = not args.no_graph
     if not torch.cuda.is_available():
@@ -275,11 +286,12 @@ def main():
     meta = _meta(args)  # after MODE is set
     ceil = ceilings()
     rows = attention_rows(ceil, args.quick)
-    rows += group_norm_rows(ceil, args.compile, args.quick)
-    rows += elementwise_rows(ceil)
+    if not args.only:
+        rows += group_norm_rows(ceil, args.compile, args.quick)
+        rows += elementwise_rows(ceil)
     meta["seconds"] = round(time.time() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", meta["gpu"]).strip("_").lower()
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", meta["gpu"]).strip("_").lower() + (f"_{args.only}" if args.only else "")
     with open(os.path.join(args.out, f"kernels_{tag}.json"), "w") as f:
         json.dump(dict(meta=meta, ceilings=ceil, rows=rows), f, indent=1)
     md = _markdown(meta, ceil, rows)

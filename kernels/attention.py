@@ -11,14 +11,16 @@ memory. Statistics, logits and the accumulator are fp32; P is rounded to v's dty
 input_precision="ieee" (no TF32), matching upstream's ATTN_PRECISION="fp32" on GPU.
 Scale: s = (q·kᵀ)·scale·log2(e), applied after the product as upstream does, then exp2.
 
-Head dims that are not powers of two are covered by two dot products instead of padding to the
-next power of two: d = D0 + D1 with D0 the largest power of two ≤ d and D1 the tail rounded up
-to a power of two ≥ 16 (tl.dot's minimum): 40 = 32+16 (48 computed, not 64), 80 = 64+16 (exact,
-not 128), 160 = 128+32 (exact, not 256). 64 (CLIP) is a single dot.
-Status: the split is validated in the interpreter only. On H100 with Triton 3.6 the fp16 tail
-slice came out wrong (every channel of the D1 slice; fp32 was right) and a later launch hit an
-illegal address, so platform.py switches the split off on GPUs (plain power-of-two padding with
-masks, the layout of Triton's tutorial) until that is understood.
+Head dims that are not powers of two (40, 80, 160) are padded to the next power of two with
+masked loads (64, 128, 256; d 40 costs what d 64 does). A split into two power-of-two slices
+(80 = 64 + 16) was tried and removed: right in the interpreter, wrong fp16 tail slice and an
+illegal address on H100/H200 with Triton 3.6 (issue 8); CPU and GPU now run one path.
+
+Dot precision: every tl.dot says input_precision="ieee". For fp16/bf16 inputs every target uses
+its 16-bit matrix unit whatever the setting (mma/wgmma, WMMA on RDNA3, MFMA on CDNA), and "ieee"
+is the only value all three backends accept (Triton's AMD backend rejects "tf32" except on gfx942);
+for fp32 inputs it means true fp32 products (upstream's ATTN_PRECISION="fp32"). On AMD, fp32 inputs
+go to SDPA (platform.fp32_dot_ok: RDNA3 has no fp32 WMMA).
 
 d > 256 (the VAE's single 512-wide head, one call per image decode) goes to PyTorch's
 scaled_dot_product_attention instead: a [BLOCK_M, 512] fp32 accumulator does not fit in
@@ -56,13 +58,11 @@ def _attn_fwd_kernel(
     H, Lq, Lk,
     qk_scale,  # scale * log2(e), fp32
     HEAD_DIM: tl.constexpr,
-    D0: tl.constexpr,  # first head-dim slice (power of two >= 16)
-    D1: tl.constexpr,  # tail slice, 0 = none
+    DP: tl.constexpr,  # HEAD_DIM padded to a power of two >= 16
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     EVEN_N: tl.constexpr,  # Lk % BLOCK_N == 0 and not CAUSAL: no key mask needed
-    PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (ignored for 16-bit)
     UPCAST: tl.constexpr,  # interpreter + bf16: compute the dots in fp32
 ):
     pid_m = tl.program_id(0)
@@ -72,26 +72,19 @@ def _attn_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d0 = tl.arange(0, D0)
+    offs_d = tl.arange(0, DP)
+    d_valid = offs_d < HEAD_DIM
     m_valid = offs_m < Lq
 
     q_base = Q + b.to(tl.int64) * stride_qb + h * HEAD_DIM * stride_qc
     k_base = K + b.to(tl.int64) * stride_kb + h * HEAD_DIM * stride_kc
     v_base = V + b.to(tl.int64) * stride_vb + h * HEAD_DIM * stride_vc
 
-    q0 = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d0[None, :] * stride_qc,
-                 mask=m_valid[:, None] & (offs_d0[None, :] < HEAD_DIM), other=0.0)
+    q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qc,
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     if UPCAST:
-        q0 = q0.to(tl.float32)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        offs_d1 = D0 + tl.arange(0, D1)
-        q1 = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d1[None, :] * stride_qc,
-                     mask=m_valid[:, None] & (offs_d1[None, :] < HEAD_DIM), other=0.0)
-        if UPCAST:
-            q1 = q1.to(tl.float32)
-        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-
+        q = q.to(tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -102,78 +95,66 @@ def _attn_fwd_kernel(
 
     for start_n in range(0, hi, BLOCK_N):
         kn = start_n + offs_n
-        n_valid = kn < Lk
-        # K loaded transposed ([D, BLOCK_N]) straight from the head-major layout
-        k0 = tl.load(k_base + kn[None, :] * stride_kl + offs_d0[:, None] * stride_kc,
-                     mask=n_valid[None, :] & (offs_d0[:, None] < HEAD_DIM), other=0.0)
+        if EVEN_N:
+            kv_mask = d_valid[None, :]
+        else:
+            kv_mask = (kn < Lk)[:, None] & d_valid[None, :]
+        # K tile [BLOCK_N, DP] straight from the head-major layout, transposed for the product
+        k = tl.load(k_base + kn[:, None] * stride_kl + offs_d[None, :] * stride_kc,
+                    mask=kv_mask, other=0.0)
         if UPCAST:
-            k0 = k0.to(tl.float32)
-        s = tl.dot(q0, k0, input_precision=PRECISION)
-        if D1 > 0:
-            k1 = tl.load(k_base + kn[None, :] * stride_kl + offs_d1[:, None] * stride_kc,
-                         mask=n_valid[None, :] & (offs_d1[:, None] < HEAD_DIM), other=0.0)
-            if UPCAST:
-                k1 = k1.to(tl.float32)
-            s += tl.dot(q1, k1, input_precision=PRECISION)
-        s = s * qk_scale
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
         if not EVEN_N:
-            keep = n_valid[None, :]
+            keep = (kn < Lk)[None, :]
             if CAUSAL:
                 keep = keep & (kn[None, :] <= offs_m[:, None])
             s = tl.where(keep, s, float("-inf"))
 
-        # Online softmax. Every row sees key 0 in its first tile (causal included), so m_new is
-        # finite from the first iteration on and exp2(-inf - finite) = 0 is the only -inf case.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Online softmax on s·scale (one FMA per logit). Every row sees key 0 in its first tile
+        # (causal included), so m_new is finite from the first tile on.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
-        v0 = tl.load(v_base + kn[:, None] * stride_vl + offs_d0[None, :] * stride_vc,
-                     mask=n_valid[:, None] & (offs_d0[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(v_base + kn[:, None] * stride_vl + offs_d[None, :] * stride_vc,
+                    mask=kv_mask, other=0.0)
         if UPCAST:
-            v0 = v0.to(tl.float32)
-        p_v = p.to(v0.dtype)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p_v, v0, input_precision=PRECISION)
-        if D1 > 0:
-            v1 = tl.load(v_base + kn[:, None] * stride_vl + offs_d1[None, :] * stride_vc,
-                         mask=n_valid[:, None] & (offs_d1[None, :] < HEAD_DIM), other=0.0)
-            if UPCAST:
-                v1 = v1.to(tl.float32)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p_v, v1, input_precision=PRECISION)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
 
-    inv_l = 1.0 / l_i
+    out = acc * (1.0 / l_i)[:, None]
     o_base = O + b.to(tl.int64) * stride_ob + h * HEAD_DIM * stride_oc
-    out0 = acc0 * inv_l[:, None]
-    tl.store(o_base + offs_m[:, None] * stride_ol + offs_d0[None, :] * stride_oc,
-             out0.to(O.dtype.element_ty), mask=m_valid[:, None] & (offs_d0[None, :] < HEAD_DIM))
-    if D1 > 0:
-        out1 = acc1 * inv_l[:, None]
-        tl.store(o_base + offs_m[:, None] * stride_ol + offs_d1[None, :] * stride_oc,
-                 out1.to(O.dtype.element_ty), mask=m_valid[:, None] & (offs_d1[None, :] < HEAD_DIM))
-
-
-def _split_head_dim(d: int) -> tuple[int, int]:
-    """(D0, D1): cover d with one or two power-of-two slices, each >= 16 (tl.dot's minimum)."""
-    p2 = max(16, triton.next_power_of_2(d))
-    d0 = max(16, 1 << (d.bit_length() - 1))
-    if d0 >= d:
-        return p2, 0
-    d1 = max(16, triton.next_power_of_2(d - d0))
-    if d0 + d1 >= p2:
-        return p2, 0
-    return d0, d1
+    tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_oc,
+             out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 
 # Head dims above this go to SDPA (see the header); patch.py counts those calls as "sdpa".
 MAX_KERNEL_HEAD_DIM = 256
 
 
+def uses_sdpa(d: int, dtype: torch.dtype) -> bool:
+    """Does `attention` hand this call to PyTorch's SDPA? (d > 256, or fp32 where fp32 dots
+    have no matrix unit: platform.fp32_dot_ok)."""
+    return d > MAX_KERNEL_HEAD_DIM or (dtype == torch.float32 and not platform.fp32_dot_ok())
+
+
+def pick_config(d: int, Lk: int) -> dict:
+    """The launch configuration for head dim d over Lk keys (platform tables, by padded d)."""
+    bucket = max(64, triton.next_power_of_2(d))
+    cfg = platform.config("attention_short_kv" if Lk <= 128 else "attention", bucket)
+    if Lk <= 128:  # one or two key tiles: no wider than the keys
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(Lk)))
+    return cfg
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
               scale: float | None = None, causal: bool = False,
-              out: torch.Tensor | None = None, split_head_dim: bool | None = None) -> torch.Tensor:
-    """softmax(q·kᵀ·scale [+ causal mask]) · v for q [B, Lq, H·d], k/v [B, Lk, H·d] → [B, Lq, H·d]."""
+              out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale [+ causal mask]) · v for q [B, Lq, H·d], k/v [B, Lk, H·d] → [B, Lq, H·d].
+    `config` overrides the platform's launch configuration (benchmark sweeps)."""
     B, Lq, C = q.shape
     Lk = k.shape[1]
     if C % heads or k.shape != (B, Lk, C) or v.shape != (B, Lk, C):
@@ -186,22 +167,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
     if out is None:
         out = torch.empty((B, Lq, C), dtype=q.dtype, device=q.device)
 
-    if d > MAX_KERNEL_HEAD_DIM:
+    if uses_sdpa(d, q.dtype):
         qh, kh, vh = (t.unflatten(-1, (heads, d)).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale)
         out.copy_(o.transpose(1, 2).reshape(B, Lq, C))
         return out
 
-    if split_head_dim is None:
-        split_head_dim = platform.config("attention_split_head_dim")
-    D0, D1 = _split_head_dim(d) if split_head_dim else (max(16, triton.next_power_of_2(d)), 0)
-    bucket = max(64, triton.next_power_of_2(d))
-    family = "attention_short_kv" if Lk <= 128 else "attention"
-    cfg = platform.config(family, bucket)
+    cfg = dict(config) if config is not None else pick_config(d, Lk)
     BLOCK_M, BLOCK_N = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    if Lk <= 128:
-        BLOCK_N = min(BLOCK_N, max(16, triton.next_power_of_2(Lk)))
-    interp = platform.is_interpreter()
     grid = (triton.cdiv(Lq, BLOCK_M), B * heads)
     _attn_fwd_kernel[grid](
         q, k, v, out,
@@ -210,11 +183,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         heads, Lq, Lk, scale * _LOG2E,
-        HEAD_DIM=d, D0=D0, D1=D1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        HEAD_DIM=d, DP=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         CAUSAL=causal, EVEN_N=(Lk % BLOCK_N == 0 and not causal),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=interp and q.dtype == torch.bfloat16,
+        UPCAST=platform.is_interpreter() and q.dtype == torch.bfloat16,
         **platform.launch_options(cfg),
     )
     return out
-

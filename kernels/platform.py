@@ -4,8 +4,14 @@ What lives here and nowhere else:
 * what we run on: NVIDIA (CUDA), AMD (HIP: RDNA wave32 or CDNA wave64), or the Triton CPU
   interpreter (TRITON_INTERPRET=1, used by CPU CI);
 * the launch configurations (block sizes, num_warps, num_stages, AMD's waves_per_eu) per kernel
-  family, as two separate, honest tables: CUDA values are chosen for H100 (sm_90); HIP values are
-  chosen for gfx1100 (RDNA3, wave32, 96 CUs, WMMA) by construction and are unmeasured.
+  family, as three separate tables: CUDA (measured on H100/H200), RDNA3 (gfx11, wave32) and CDNA
+  (gfx9, wave64); the AMD ones are chosen from `python -m kernels.compile_report` (registers,
+  spills, LDS, occupancy of every real launch), not run on AMD hardware;
+* which attention backend fast mode should use (`attention_backend`).
+
+`as_target("gfx1100")` makes every query here answer as for another GPU (meta tensors count as on
+the device): kernels.compile_report drives the real launchers with it, so the report and the CI
+gate see the configurations the runtime would pick, from the same tables.
 
 Rules followed: no string compares of version numbers, no Triton internals. `waves_per_eu` is a
 launch option of Triton's AMD backend (every release 3.0-3.9 has it); Triton's CUDA backend rejects
@@ -14,16 +20,61 @@ unknown launch options (KeyError), so it is only ever passed when `is_hip()`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "triton_available", "is_interpreter", "is_hip", "gpu_available", "arch", "warp_size",
-    "max_num_warps", "num_sms", "kernels_usable", "launch_options", "config",
+    "max_num_warps", "num_sms", "kernels_usable", "launch_options", "config", "Target", "TARGETS",
+    "as_target", "current_target", "fp32_dot_ok", "attention_backend",
 ]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A GPU as the launchers see it. `triton_arch` is what triton's GPUTarget takes."""
+    name: str
+    backend: str  # "hip" or "cuda"
+    arch: str  # what arch() returns on that GPU
+    triton_arch: object  # "gfx1100" / 90
+    warp_size: int
+    num_sms: int  # CUs (AMD) / SMs (NVIDIA), as torch's multi_processor_count reports them
+
+
+# CU/SM counts: Radeon Pro W7900 96 CUs, Instinct MI300X 304 CUs, H100/H200 SXM 132 SMs
+# (vendors' product pages). They only size grids (group norm's split count).
+TARGETS = {
+    "gfx1100": Target("gfx1100", "hip", "gfx1100", "gfx1100", 32, 96),
+    "gfx942": Target("gfx942", "hip", "gfx942", "gfx942", 64, 304),
+    "sm90": Target("sm90", "cuda", "sm_90", 90, 32, 132),
+}
+
+_STANDIN: Target | None = None  # set by as_target()
+
+
+@contextlib.contextmanager
+def as_target(name: str):
+    """Inside the block every query answers as for TARGETS[name], and meta tensors are 'on the
+    device'. For recording launches (kernels.compile_report); not thread-safe, not for runtime."""
+    global _STANDIN
+    prev, _STANDIN = _STANDIN, TARGETS[name]
+    try:
+        yield _STANDIN
+    finally:
+        _STANDIN = prev
+
+
+def current_target() -> Target | None:
+    """The stand-in target of an active `as_target` block, else None."""
+    return _STANDIN
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,65 +83,95 @@ def triton_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def is_interpreter() -> bool:
+def _env_interpreter() -> bool:
     # Triton reads the variable when @triton.jit decorates; caching it keeps launchers consistent
     # with how the kernels were built.
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def is_interpreter() -> bool:
+    return _STANDIN is None and _env_interpreter()
+
+
 @functools.lru_cache(maxsize=None)
-def is_hip() -> bool:
+def _torch_is_hip() -> bool:
     return getattr(torch.version, "hip", None) is not None
 
 
+def is_hip() -> bool:
+    return _STANDIN.backend == "hip" if _STANDIN else _torch_is_hip()
+
+
 @functools.lru_cache(maxsize=None)
-def gpu_available() -> bool:
+def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_available() -> bool:
+    return True if _STANDIN else _cuda_available()
+
+
 @functools.lru_cache(maxsize=None)
-def arch() -> str:
-    """'sm_90', 'gfx1100', ... ; 'interpreter' in the CPU interpreter; 'cpu' with nothing."""
-    if is_interpreter():
-        return "interpreter"
-    if not gpu_available():
-        return "cpu"
+def _device_arch() -> str:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    if is_hip():
+    if _torch_is_hip():
         return getattr(props, "gcnArchName", "gfx").split(":")[0]
     return f"sm_{props.major}{props.minor}"
 
 
+def arch() -> str:
+    """'sm_90', 'gfx1100', ... ; 'interpreter' in the CPU interpreter; 'cpu' with nothing."""
+    if _STANDIN:
+        return _STANDIN.arch
+    if is_interpreter():
+        return "interpreter"
+    if not gpu_available():
+        return "cpu"
+    return _device_arch()
+
+
 @functools.lru_cache(maxsize=None)
-def warp_size() -> int:
-    """32 on NVIDIA and RDNA (gfx10/11/12), 64 on CDNA (gfx9xx)."""
-    if is_interpreter() or not gpu_available():
-        return 32
+def _device_warp_size() -> int:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     ws = getattr(props, "warp_size", None)  # torch >= 2.3 reports it on both vendors
     if ws:
         return int(ws)
-    return 64 if (is_hip() and arch().startswith("gfx9")) else 32
+    return 64 if (_torch_is_hip() and _device_arch().startswith("gfx9")) else 32
 
 
-@functools.lru_cache(maxsize=None)
+def warp_size() -> int:
+    """32 on NVIDIA and RDNA (gfx10/11/12), 64 on CDNA (gfx9xx)."""
+    if _STANDIN:
+        return _STANDIN.warp_size
+    if is_interpreter() or not gpu_available():
+        return 32
+    return _device_warp_size()
+
+
 def max_num_warps() -> int:
     # A workgroup holds at most 1024 threads on both vendors: 32 warps of 32, 16 wavefronts of 64.
     return 1024 // warp_size()
 
 
 @functools.lru_cache(maxsize=None)
-def num_sms() -> int:
-    if is_interpreter() or not gpu_available():
-        return 4  # only used to size grids; keeps interpreted grids small
+def _device_num_sms() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
+def num_sms() -> int:
+    if _STANDIN:
+        return _STANDIN.num_sms
+    if is_interpreter() or not gpu_available():
+        return 4  # only used to size grids; keeps interpreted grids small
+    return _device_num_sms()
+
+
 def kernels_usable() -> tuple[bool, str]:
     """(usable, reason). Kernels run on GPU tensors, or on CPU tensors in the interpreter."""
     if not triton_available():
         return False, "triton is not installed"
+    if _STANDIN:
+        return True, f"stand-in target {_STANDIN.name} (meta tensors, launches recorded)"
     if is_interpreter():
         return True, "Triton interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors"
     if not gpu_available():
@@ -100,7 +181,16 @@ def kernels_usable() -> tuple[bool, str]:
 
 def kernel_device_ok(t: torch.Tensor) -> bool:
     """Is this tensor on a device our kernels can run on right now?"""
+    if _STANDIN:
+        return t.device.type == "meta"
     return (t.device.type == "cpu") if is_interpreter() else (t.device.type == "cuda")
+
+
+def fp32_dot_ok() -> bool:
+    """May a kernel use tl.dot on fp32 inputs? Not on AMD: RDNA3 has no fp32 WMMA (a fp32 dot
+    became scalar FMAs with 922 VGPRs and spills on gfx1100, compile report of 2026-12) and
+    Triton accepts no TF32 there; such calls go to PyTorch (rocBLAS / MIOpen) instead."""
+    return not is_hip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,20 +199,28 @@ def kernel_device_ok(t: torch.Tensor) -> bool:
 # CUDA: tuned for H100 (sm_90, 132 SMs, 228 KB smem/SM). num_stages > 1 lets Triton pipeline the
 # K/V loads of the attention loop with cp.async / TMA-less loads.
 _CUDA = {
-    # head-dim split slices (kernels/attention.py): off, miscompiled on H100 + Triton 3.6 in fp16
-    "attention_split_head_dim": False,
-    # attention: (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head-dim bucket.
+    # attention: (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head-dim bucket. Chosen by
+    # benchmarks/sweep_attention.py on an H200 (torch 2.11, Triton 3.6, fp16, CFG batch 2, graph
+    # replay), best of 24-36 candidates per shape: d40 4096² 128x64/4/3 0.177 ms (SDPA 0.152);
+    # d80 1024² 128x128/8/3 0.0207 ms (SDPA 0.0182); d160 256² 64x64/4/2 0.0083 ms (SDPA 0.0104).
     "attention": {
         64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        256: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        256: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     },
-    # cross-attention over <= 128 keys: one or two K/V tiles, nothing to pipeline.
+    # cross-attention over <= 128 keys (and CLIP's 77 causal): one or two K/V tiles, nothing to
+    # pipeline. Same sweep: d40 x77 64x64 0.0108 ms (SDPA 0.0137), CLIP 64x64 0.0039 (0.0065),
+    # d80 x77 64x64 0.0056 (0.0082), d160 x77 64x32 0.0062 (0.0086), d160 64x64 64x32 0.0048 (0.0083).
     "attention_short_kv": {
-        64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=1),
-        128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1),
-        256: dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+        64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+        128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+        256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
     },
+    # which of the Triton kernel and SDPA is faster, by (self-attention, padded head-dim bucket),
+    # from the same H200 sweep: SDPA wins self-attention at d40 (0.86x) and d80 (0.88x); the
+    # kernel wins d160 self-attention (1.25x at 256², 1.7x at 64²) and every cross-attention.
+    "attention_faster": {(True, 64): "sdpa", (True, 128): "sdpa", (True, 256): "triton",
+                         (False, 64): "triton", (False, 128): "triton", (False, 256): "triton"},
     # group norm: groups up to ONE_PASS_MAX elements are held in registers by one program
     # (one read, one write, one launch); larger groups use the split two-kernel path with
     # ~PROGRAMS_PER_SM programs per SM per kernel so 132 SMs fill even at 64 groups.
@@ -132,20 +230,23 @@ _CUDA = {
     "elementwise": dict(BLOCK=2048, num_warps=8),
 }
 
-# HIP: chosen for gfx1100 (RDNA3, wave32, 96 CUs, 64 KB LDS per WGP); unmeasured. RDNA has no
-# async-copy pipelining worth >2 stages; 64 KB LDS rules out 3-stage K/V buffers at d 128+;
-# waves_per_eu=2 trades occupancy for registers in the attention loop (flash-attn ROCm practice).
+# RDNA3 (gfx11: W7900 = gfx1100, wave32, 96 CUs / 48 WGPs, 64 KB LDS per workgroup, 1536 VGPRs
+# per SIMD, WMMA 16x16x16 fp16/bf16). Not run on such a GPU: chosen from the compile report
+# (benchmarks/results/compile_report.md) so that every launch has no spills and no scratch.
 _HIP = {
-    "attention_split_head_dim": False,  # unvalidated there: the padded layout is the safe one
+    # attention, compile report (Triton 3.8): d40 64x64 201 VGPRs (occupancy 7), d80 64x32 225
+    # (6), no spills. d160 (padded 256): 32x32 at 4 waves spilled 156 VGPRs (628 B scratch), 64x32
+    # at 8 waves spilled 148; 32x32 at 8 waves has 244 VGPRs, no spills. waves_per_eu is left to
+    # the compiler: waves_per_eu=2 pushed d40 from 183 to 256 VGPRs with spills (issue 8).
     "attention": {
-        64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2),
-        128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2),
-        256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=1),
+        64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+        128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+        256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
     },
     "attention_short_kv": {
-        64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, waves_per_eu=2),
-        128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=2),
-        256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, waves_per_eu=1),
+        64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+        128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+        256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
     },
     "group_norm": dict(ONE_PASS_MAX=8192, BLOCK=2048, PROGRAMS_PER_SM=8, MAX_SPLITS=64,
                        num_warps=8, one_pass_warps=16),
@@ -153,10 +254,30 @@ _HIP = {
     "elementwise": dict(BLOCK=2048, num_warps=8),
 }
 
+# CDNA (gfx9: MI300X = gfx942, wave64, 304 CUs, 64 KB LDS, 512 unified VGPR/AGPRs per lane, MFMA).
+# Families not listed here take the RDNA3 entry (memory-bound kernels: the same element counts per
+# program work for both; num_warps counts 64-wide waves here and is capped at 16).
+_CDNA = {
+    **_HIP,
+    # attention, compile report (Triton 3.8): self-attention 128x64 at 4 waves (d40 146 VGPRs,
+    # d80 228, no spills; d160 64x32: 252). Over <= 128 keys the masked tail costs registers:
+    # 128x64 reached 288 VGPRs (occupancy 1) at d80 and the causal CLIP launch spilled, so short-KV
+    # launches use 64x32 (98-144 VGPRs) and 32x32 at d160 (210; 64x32 had 259, occupancy 1).
+    "attention": {
+        64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
+        128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=1),
+        256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+    },
+    "attention_short_kv": {
+        64: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+        128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+        256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+    },
+}
+
 # Interpreter: every program runs serially in numpy, so fewer, smaller programs are faster;
 # num_warps/num_stages are ignored there but kept valid.
 _INTERP = {
-    "attention_split_head_dim": True,
     "attention": {b: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1) for b in (64, 128, 256)},
     "attention_short_kv": {b: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
                            for b in (64, 128, 256)},
@@ -170,7 +291,9 @@ _INTERP = {
 def _table() -> dict:
     if is_interpreter():
         return _INTERP
-    return _HIP if is_hip() else _CUDA
+    if is_hip():
+        return _CDNA if warp_size() == 64 else _HIP
+    return _CUDA
 
 
 def config(family: str, key=None):
@@ -192,3 +315,64 @@ def launch_options(cfg: dict) -> dict:
     if is_hip() and not is_interpreter() and "waves_per_eu" in cfg:
         opts["waves_per_eu"] = int(cfg["waves_per_eu"])
     return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention backend for fast mode: the Triton kernel or PyTorch's SDPA.
+_LOGGED: set = set()
+
+
+def sdpa_fused_backends(device) -> list[str]:
+    """torch's fused SDPA kernels ("flash", "mem_efficient") that accept fp16 [2, 8, 256, d] for
+    d = 40, 80, 160 on `device`, as torch itself reports them (torch.backends.cuda.can_use_*).
+    On ROCm this is where torch says e.g. that its flash kernels do not cover that GPU."""
+    cb = torch.backends.cuda
+    found = []
+    try:
+        for name, check in (("flash", cb.can_use_flash_attention),
+                            ("mem_efficient", cb.can_use_efficient_attention)):
+            ok = True
+            for d in (40, 80, 160):
+                q = torch.empty(2, 8, 256, d, device=device, dtype=torch.float16)
+                try:
+                    params = cb.SDPAParams(q, q, q, None, 0.0, False, False)
+                except TypeError:  # torch < 2.5: no enable_gqa argument
+                    params = cb.SDPAParams(q, q, q, None, 0.0, False)
+                ok = ok and bool(check(params, False))
+            if ok:
+                found.append(name)
+    except (AttributeError, RuntimeError) as e:  # an old torch without the queries
+        logger.info("attention_backend: could not query SDPA backends (%s)", e)
+    return found
+
+
+def attention_backend(device, *, self_attention: bool = True, head_dim: int = 40) -> tuple[str, str]:
+    """("triton" | "sdpa", reason) for fast mode's attention on `device`. Logged once per answer.
+
+    ROCm: the Triton kernel wherever torch reports no fused SDPA kernel for the GPU (SDPA would
+    fall back to its math path, which materialises the N×N logits: 2·8·4096² fp16 = 512 MB per
+    call at 512²); where torch has one, SDPA. CUDA: the faster of the two by measurement
+    (_CUDA["attention_faster"]). The VAE's d=512 head always uses SDPA (kernels/attention.py)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        name, reason = "sdpa", f"device {device.type}: the Triton kernels run on GPUs"
+    elif not triton_available():
+        name, reason = "sdpa", "triton is not installed"
+    elif is_hip():
+        fused = sdpa_fused_backends(device)
+        if fused:
+            name, reason = "sdpa", (f"torch {torch.__version__} has fused SDPA ({', '.join(fused)}) "
+                                    f"for {arch()}")
+        else:
+            name, reason = "triton", (f"torch {torch.__version__} reports no fused SDPA kernel "
+                                      f"(flash / memory-efficient) for {arch()}: SDPA would use "
+                                      f"its math path")
+    else:
+        bucket = max(64, 1 << (max(1, head_dim) - 1).bit_length())
+        kind = "self" if self_attention else "cross"
+        name = _CUDA["attention_faster"].get((bool(self_attention), bucket), "sdpa")
+        reason = f"faster for {kind}-attention at head dim {head_dim} (H200 measurement in platform.py)"
+    if (name, reason) not in _LOGGED:
+        _LOGGED.add((name, reason))
+        logger.info("attention backend: %s (%s)", name, reason)
+    return name, reason

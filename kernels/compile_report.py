@@ -1,0 +1,313 @@
+"""Compile every Triton launch the model makes for GPUs we do not have, and inspect the code.
+
+    python -m kernels.compile_report --targets gfx1100 gfx942 sm90 --out benchmarks/results
+
+How: the full-size model (models/cldm_v15.yaml) is built on the meta device in fp16 and patched
+with kernels.patch; inside `platform.as_target(t)` the UNet + ControlNet (CFG batch 1 and 2,
+512² → 64² latents, context [B, 77, 768]), the VAE decoder and the CLIP text encoder run on meta
+tensors while `JITFunction.run` is replaced by a recorder. So the launches are the ones the real
+launchers make, with the configurations the runtime would pick from platform's tables, and
+Triton's own binder specialises them for the target's backend (ints equal to 1 become
+constexprs, 16-divisibility, AMD's buffer-range attribute). Each distinct launch is then built
+with triton.compile(ASTSource(...), target=GPUTarget(...)) and its code inspected: registers,
+spills, scratch, LDS / shared memory, matrix instructions, occupancy (kernels/occupancy.py).
+Writes compile_report.json and compile_report.md. tests/kernels/test_compile_gate.py is the CI
+gate built on it. A warm TRITON_CACHE_DIR makes a rerun take seconds.
+
+Triton internals used (JITFunction.run / params / signature / _pack_args and
+runtime.jit.create_function_from_signature): checked on Triton 3.8, see TRITON_VERIFIED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import occupancy, platform
+from .attention import uses_sdpa
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FULL = os.path.join(REPO, "models", "cldm_v15.yaml")
+HOTSPOTS = os.path.join(REPO, "tests", "data", "hotspots_512.json")
+# Releases whose internals (above) this module was checked against; others: refuse clearly.
+TRITON_VERIFIED = ((3, 8),)
+
+
+def triton_version_ok() -> tuple[bool, str]:
+    import triton
+    parts = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+    ok = parts in TRITON_VERIFIED
+    return ok, (f"triton {triton.__version__}" + ("" if ok else
+                f": compile_report is verified on {TRITON_VERIFIED} only (uses Triton internals)"))
+
+
+@dataclass
+class Launch:
+    """One distinct compilation: a kernel with its specialisation and launch options."""
+    kernel: str
+    fn: object = field(repr=False)
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    uses: list = field(default_factory=list)  # [{"site", "grid", "args"}]
+
+    @property
+    def key(self):
+        return (self.kernel, repr(sorted(self.signature.items())), repr(sorted(self.constexprs.items())),
+                repr(sorted(self.attrs.items())), repr(sorted(self.options.items())))
+
+    def brief(self):
+        """The kernel's own constexprs (upper-case names), e.g. 'HEAD_DIM=40, BLOCK_M=64'."""
+        names = self.fn.arg_names
+        items = ((names[k[0]] if isinstance(k, tuple) else k, v) for k, v in self.constexprs.items())
+        return ", ".join(f"{n}={v}" for n, v in items if n.isupper())
+
+
+def _gpu_target(t: platform.Target):
+    from triton.backends.compiler import GPUTarget
+    return GPUTarget(t.backend, t.triton_arch, t.warp_size)
+
+
+@contextlib.contextmanager
+def _recording(target: platform.Target, sink: list, site: list):
+    """Replace JITFunction.run: bind with `target`'s backend, record, launch nothing."""
+    from triton import knobs
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+    backend = make_backend(_gpu_target(target))
+    binders = {}
+    orig = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        if id(self) not in binders:
+            binders[id(self)] = create_function_from_signature(self.signature, self.params, backend)
+        bound, spec, opts = binders[id(self)](*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, opts)
+        grid = grid(bound) if callable(grid) else grid
+        summary = {k: (list(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in bound.items()
+                   if isinstance(v, (torch.Tensor, int, float, bool))}
+        sink.append((Launch(self.__name__, self, signature, constexprs, attrs, dict(options.__dict__)),
+                     {"site": site[0], "grid": list(grid), "args": summary}))
+        return None
+
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = orig
+
+
+def build_model(channels_last=True):
+    """The full-size ControlLDM on the meta device as fast mode prepares it (runtime/fast.py):
+    fp16 with GroupNorm32's affine parameters in fp32, UNet + ControlNet channels_last (fast mode's
+    default), VAE NCHW, eval. Shapes and strides only, no memory."""
+    from cldm.model import create_model
+    with torch.device("meta"):
+        model = create_model(CONFIG_FULL)
+    model = model.half().eval().requires_grad_(False)
+    for net in (model.model.diffusion_model, model.control_model):
+        net.dtype = torch.float16  # what upstream's use_fp16 sets: blocks run in fp16
+        for m in net.modules():
+            if type(m).__name__ == "GroupNorm32":
+                m.float()
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+    return model
+
+
+def record(target_name: str, model=None, batches=(1, 2), size=512, channels_last=True) -> list[Launch]:
+    """Every distinct launch of one denoising step (each CFG batch), a VAE decode and a CLIP
+    forward, as the launchers would make them on `target_name`."""
+    import kernels
+    model = build_model(channels_last) if model is None else model
+    sink, site = [], ["?"]
+    lat = size // 8
+    hooks = []
+    if channels_last:  # meta convolutions return NCHW; cuDNN/MIOpen keep NHWC inputs NHWC
+        for net in (model.model.diffusion_model, model.control_model):
+            hooks += [m.register_forward_hook(lambda m, i, o: o.contiguous(memory_format=torch.channels_last))
+                      for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with platform.as_target(target_name) as t, _recording(t, sink, site), torch.no_grad():
+        handle = kernels.patch(model, strict=True)  # a fallback would hide a launch: raise
+        try:
+            for B in batches:
+                meta = dict(device="meta")
+                fmt = dict(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                x = torch.empty(B, 4, lat, lat, dtype=torch.float16, **meta, **fmt)
+                cond = {"c_concat": [torch.empty(B, 3, size, size, dtype=torch.float16, **meta, **fmt)],
+                        "c_crossattn": [torch.empty(B, 77, 768, dtype=torch.float16, **meta)]}
+                site[0] = f"unet+control B{B}"
+                model.apply_model(x, torch.zeros(B, dtype=torch.long, **meta), cond)
+                site[0] = f"clip B{B}"
+                model.cond_stage_model.transformer(input_ids=torch.zeros(B, 77, dtype=torch.long, **meta))
+            site[0] = "vae decode B1"
+            model.decode_first_stage(torch.empty(1, 4, lat, lat, dtype=torch.float16, device="meta"))
+        finally:
+            handle.undo()
+            for h in hooks:
+                h.remove()
+    distinct = {}
+    for launch, use in sink:
+        distinct.setdefault(launch.key, launch).uses.append(use)
+    return list(distinct.values())
+
+
+# -- inspecting compiled code -----------------------------------------------------------------------
+def _amdgcn_stats(asm: str) -> dict:
+    def num(pattern, default=0):
+        m = re.search(pattern, asm)
+        return int(m.group(1)) if m else default
+    return {
+        "vgpr": num(r"\.vgpr_count:\s+(\d+)"), "agpr": num(r"\.agpr_count:\s+(\d+)"),
+        "sgpr": num(r"\.sgpr_count:\s+(\d+)"),
+        "vgpr_spill": num(r"\.vgpr_spill_count:\s+(\d+)"),
+        "sgpr_spill": num(r"\.sgpr_spill_count:\s+(\d+)"),
+        "scratch": num(r"\.private_segment_fixed_size:\s+(\d+)"),
+        "llvm_occupancy": num(r";\s*Occupancy:\s+(\d+)", None),
+        "wmma": len(re.findall(r"^\s*v_wmma_", asm, re.M)),
+        "mfma": len(re.findall(r"^\s*v_mfma_", asm, re.M)),
+    }
+
+
+def _cuda_stats(compiled) -> dict:
+    import triton
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        res = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    def num(pattern):
+        m = re.search(pattern, res)
+        return int(m.group(1)) if m else 0
+    return {"regs": num(r"REG:(\d+)"), "stack": num(r"STACK:(\d+)"), "local": num(r"LOCAL:(\d+)"),
+            "mma": len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass))}
+
+
+def compile_launch(launch: Launch, target_name: str) -> dict:
+    import triton
+    from triton.compiler import ASTSource
+    t = platform.TARGETS[target_name]
+    src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
+    row = {"target": target_name, "kernel": launch.kernel, "config": launch.brief(),
+           "num_warps": launch.options.get("num_warps"), "num_stages": launch.options.get("num_stages"),
+           "waves_per_eu": launch.options.get("waves_per_eu"),
+           "has_dot": "tl.dot(" in launch.fn.src,
+           "pointer_types": sorted({v for v in launch.signature.values()
+                                    if isinstance(v, str) and v.startswith("*")}), "sites": sorted({u["site"] for u in launch.uses}),
+           "calls": len(launch.uses)}
+    try:
+        compiled = triton.compile(src, target=_gpu_target(t), options=launch.options)
+    except Exception as e:  # recorded, not raised: the report shows every failure
+        row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return row
+    row["lds"] = int(compiled.metadata.shared)
+    row.update(_amdgcn_stats(compiled.asm["amdgcn"]) if t.backend == "hip" else _cuda_stats(compiled))
+    row.update(occupancy.estimate(target_name, row))
+    return row
+
+
+def uncovered_hotspots(launches: list[Launch]) -> list[str]:
+    """Hot shapes of tests/data/hotspots_512.json that no recorded launch covers."""
+    with open(HOTSPOTS) as f:
+        hot = json.load(f)
+    args = [(lch.kernel, u["args"], lch) for lch in launches for u in lch.uses]
+    missing = []
+    for e in hot:
+        if e["kind"] == "attn" and uses_sdpa(e["head_dim"], torch.float16):
+            continue  # d 512 (VAE): SDPA by design, no Triton launch
+        if e["kind"] == "attn":
+            want = dict(H=e["heads"], Lq=e["q_len"], Lk=e["kv_len"])
+            ok = any(k == "_attn_fwd_kernel" and all(a.get(n) == v for n, v in want.items())
+                     and a["Q"][-1] == e["heads"] * e["head_dim"] for k, a, _ in args)
+        else:  # a group-norm shape: any launch (GN or a fused kernel) over such a tensor
+            ok = any(any(isinstance(v, list) and v[1:] == e["shape"][1:] for v in a.values())
+                     for _, a, _ in args)
+        if not ok:
+            missing.append(f"{e['kind']} {e['name']}")
+    return missing
+
+
+def report(targets) -> dict:
+    ok, version = triton_version_ok()
+    if not ok:
+        raise RuntimeError(version)
+    t0 = time.time()
+    model = build_model()
+    rows, missing = [], {}
+    for name in targets:
+        launches = record(name, model)
+        missing[name] = uncovered_hotspots(launches)
+        rows += [compile_launch(lch, name) for lch in launches]
+    return {"triton": version, "torch": torch.__version__, "targets": list(targets),
+            "seconds": round(time.time() - t0, 1), "uncovered_hotspots": missing, "rows": rows}
+
+
+def markdown(rep: dict) -> str:
+    out = [f"# Compile report ({', '.join(rep['targets'])})", "",
+           f"{rep['triton']}, torch {rep['torch']}; `python -m kernels.compile_report` "
+           f"({rep['seconds']} s). Compiled and inspected only: none of it ran on these GPUs.  ",
+           "Occupancy: waves per SIMD (AMD) / warps per SM (NVIDIA) from the limits in "
+           "kernels/occupancy.py; LLVM's own estimate in brackets.", ""]
+    for t in rep["targets"]:
+        rows = [r for r in rep["rows"] if r["target"] == t]
+        hip = platform.TARGETS[t].backend == "hip"
+        out += [f"## {t}", ""]
+        if rep["uncovered_hotspots"][t]:
+            out.append(f"**Hot shapes not covered:** {rep['uncovered_hotspots'][t]}")
+        head = ("| kernel | config | warps | VGPR | SGPR | spills | scratch | LDS | WMMA/MFMA | occupancy |"
+                if hip else "| kernel | config | warps | regs | stack/local | smem | MMA | occupancy |")
+        out += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            if "error" in r:
+                out.append(f"| {r['kernel']} | {r['config']} | {r['num_warps']} | ERROR {r['error'][:120]} |")
+            elif hip:
+                mm = r["wmma"] or r["mfma"]
+                out.append(f"| {r['kernel']} | {r['config']} | {r['num_warps']} | {r['vgpr']}"
+                           f"{' (' + str(r['agpr']) + ' AGPR)' if r['agpr'] else ''} | {r['sgpr']} | "
+                           f"{r['vgpr_spill'] + r['sgpr_spill']} | {r['scratch']} | {r['lds']} | "
+                           f"{mm if r['has_dot'] else '–'} | {r['occupancy']} ({r['llvm_occupancy']}) |")
+            else:
+                out.append(f"| {r['kernel']} | {r['config']} | {r['num_warps']} | {r['regs']} | "
+                           f"{r['stack']}/{r['local']} | {r['lds']} | {r['mma'] if r['has_dot'] else '–'} "
+                           f"| {r['occupancy']} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", nargs="+", default=["gfx1100", "gfx942", "sm90"],
+                   choices=sorted(platform.TARGETS))
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    p.add_argument("--name", default="compile_report")
+    args = p.parse_args(argv)
+    if platform.is_interpreter():
+        sys.exit("compile_report: unset TRITON_INTERPRET (the interpreter builds no GPU code)")
+    rep = report(args.targets)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, args.name + ".json"), "w") as f:
+        json.dump(rep, f, indent=1, default=str)
+    md = markdown(rep)
+    with open(os.path.join(args.out, args.name + ".md"), "w") as f:
+        f.write(md)
+    sys.stdout.write(md)
+
+
+if __name__ == "__main__":
+    main()
