@@ -155,8 +155,11 @@ def shim_autocast_gpu_dtype(torch):
 def shim_no_xformers():
     applied = False
     for name in ("ldm.modules.attention", "ldm.modules.diffusionmodules.model"):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "XFORMERS_IS_AVAILBLE", False):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "XFORMERS_IS_AVAILBLE", False):
             module.XFORMERS_IS_AVAILBLE = False
             applied = True
     return applied
