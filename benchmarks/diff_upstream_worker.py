@@ -1,4 +1,4 @@
-"""One side of benchmarks/diff_upstream.py: build one tree's model, run the stages, save the outputs.
+"""One side of benchmarks/diff_upstream.py: build a tree's model, run the stages, save outputs.
 
 diff_upstream.py starts this script twice, as a subprocess: once on this repository (side "ours")
 and once on the user's upstream ControlNet checkout (side "upstream"). Each run puts only its own
@@ -353,6 +353,14 @@ def build(tree, side, config_path, weights, device, plant):
     state_dict, relaid = fit_clip_layout(state_dict, model.state_dict())
     if side == "upstream":
         applied["clip_key_layout"] = relaid
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise WorkerError(
+            f"the weights do not fit {tree}'s model ({config_path}): {len(missing)} missing keys "
+            f"(e.g. {', '.join(missing[:2]) or '-'}), {len(unexpected)} unexpected (e.g. "
+            f"{', '.join(unexpected[:2]) or '-'})")
     model.load_state_dict(state_dict, strict=True)
     model = model.to(device).eval()
     if side == "upstream":
@@ -477,8 +485,8 @@ def spec_process(model, input_image, prompt, a_prompt, n_prompt, num_samples, im
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    cond = {"c_concat": [control],
-            "c_crossattn": [model.get_learned_conditioning([prompt + ", " + a_prompt] * num_samples)]}
+    text = model.get_learned_conditioning([prompt + ", " + a_prompt] * num_samples)
+    cond = {"c_concat": [control], "c_crossattn": [text]}
     un_cond = {"c_concat": None if guess_mode else [control],
                "c_crossattn": [model.get_learned_conditioning([n_prompt] * num_samples)]}
     model.control_scales = ([strength * (0.825 ** float(12 - i)) for i in range(13)]
@@ -491,19 +499,60 @@ def spec_process(model, input_image, prompt, a_prompt, n_prompt, num_samples, im
     return [255 - detected_map] + [x[i] for i in range(num_samples)]
 
 
+class FirstGuidedEps:
+    """Records the guided eps of the first DDIM step (e_u + s * (e_c - e_u), as the sampler forms
+    it) from the model's first apply_model calls, for the fast-mode comparison."""
+
+    def __init__(self, model, scale):
+        self.model, self.scale, self.calls = model, scale, []
+
+    def __enter__(self):
+        self.saved = self.model.__dict__.get("apply_model")
+        apply_model = self.model.apply_model
+
+        def recording(x, t, cond, *args, **kwargs):
+            out = apply_model(x, t, cond, *args, **kwargs)
+            if len(self.calls) < 2:
+                self.calls.append((out.detach().float().cpu(), cond))
+            return out
+
+        self.model.apply_model = recording
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            del self.model.__dict__["apply_model"]
+        else:
+            self.model.apply_model = self.saved
+
+    def eps(self):
+        if len(self.calls) == 2 and self.calls[0][1] is not self.calls[1][1]:
+            (e_c, _), (e_u, _) = self.calls
+            return e_u + self.scale * (e_c - e_u)
+        return self.calls[0][0]
+
+
 def run_canny2image(model, inp, side, mode):
+    """{case: uint8 gallery}, {case: first guided eps} (eps from fast mode only if its runner
+    reports it: `last_info["first_eps"]`, read defensively)."""
     import numpy as np
     import torch
-    out = {}
+    images, first_eps = {}, {}
     for i, case in enumerate(inp["cases"]):
         args = dict(case, input_image=inp["image"].numpy())
         if side == "upstream":
-            result = spec_process(model, **args)
+            with FirstGuidedEps(model, case["scale"]) as recorder:
+                result = spec_process(model, **args)
+            first_eps[f"case{i}"] = recorder.eps()
         else:
             from runtime.canny2image import Canny2Image
-            result = Canny2Image(model, mode=mode).process(**args)
-        out[f"case{i}"] = torch.from_numpy(np.stack(result))
-    return out
+            pipe = Canny2Image(model, mode=mode)
+            result = pipe.process(**args)
+            info = getattr(getattr(pipe, "fast", None), "last_info", None) or {}
+            if isinstance(info.get("first_eps"), torch.Tensor):
+                first_eps[f"case{i}"] = info["first_eps"].detach().float().cpu()
+        images[f"case{i}"] = torch.from_numpy(np.stack(result))
+    return images, first_eps
 
 
 STAGE_FUNCTIONS = {"clip": stage_clip, "controlnet": stage_controlnet, "unet": stage_unet,
@@ -523,7 +572,8 @@ def run_stages(model, inp, side, stages, modes, device):
             for name, mode in runs:
                 try:
                     if stage == "canny2image":
-                        results[name] = run_canny2image(model, inp, side, mode)
+                        results[name], results[name + "_first_eps"] = run_canny2image(
+                            model, inp, side, mode)
                     else:
                         results[name] = STAGE_FUNCTIONS[stage](model, inp, device)
                 except Exception as e:  # one failing stage is reported, the others still run
@@ -558,6 +608,11 @@ def main(argv=None):
         check_origin(tree)
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the parent shows this one line; the traceback stays in the log
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: building the model failed: {type(e).__name__}: {first}", file=sys.stderr)
         return 2
     meta = {"side": args.side, "tree": tree, "torch": str(torch.__version__),
             "shims": [k for k, v in applied.items() if v], "plant": plant or ""}

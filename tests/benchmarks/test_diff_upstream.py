@@ -49,6 +49,8 @@ def test_this_repository_against_itself_has_zero_difference(tmp_path, capsys):
     assert rows["clip"]["items"] == len(diff_upstream.PROMPTS) + 1
     # On CPU fast mode runs fp32 (no fp16, no graphs): close to reference, not necessarily equal.
     assert rows["canny2image_fast"]["verdict"] == "PASS"
+    assert any(n.startswith("first-step eps rel. L2 error") for n in
+               rows["canny2image_fast"]["notes"]), rows["canny2image_fast"]
     assert result["shims"] == []              # none applies to this repository
     assert "| clip | 8 | 0.00e+00 | PASS |" in captured.out
 
