@@ -446,6 +446,10 @@ def run(args, upstream, ours_config, up_config, resolution, steps):
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+        else:  # keep the logs the error message points to, not the (possibly 5.7 GB) weights
+            for name in os.listdir(workdir):
+                if not name.endswith(".log"):
+                    os.remove(os.path.join(workdir, name))
 
 
 if __name__ == "__main__":

@@ -321,7 +321,7 @@ def apply_plant(name, model):
 # Building the model
 
 
-def build(tree, side, config_path, weights, device, plant):
+def build(tree, side, config_path, weights, device, plant, workdir):
     """Import the tree, apply the shims (upstream), build and load the model."""
     import torch
     from omegaconf import OmegaConf
@@ -346,7 +346,7 @@ def build(tree, side, config_path, weights, device, plant):
         sizes, applied["clip_sizes"] = shim_clip_sizes(params)
         applied["clip_offline"] = shim_clip_offline(sizes)
         applied["ddim_device"] = shim_ddim_device(device)
-    run_config = os.path.join(os.path.dirname(weights), f"config_{side}.yaml")
+    run_config = os.path.join(workdir, f"config_{side}.yaml")
     OmegaConf.save(config, run_config)
     model = cldm_model.create_model(run_config)
     state_dict = cldm_model.load_state_dict(weights, location="cpu")
@@ -595,6 +595,8 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", default=["reference"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args(argv)
+    for name in ("config", "weights", "inputs", "out"):  # before isolate() changes directory
+        setattr(args, name, os.path.abspath(getattr(args, name)))
     tree = isolate(args.tree)
     import torch
     if args.threads:
@@ -602,7 +604,8 @@ def main(argv=None):
     try:
         device = torch.device(args.device)
         plant = os.environ.get(PLANT_ENV) if args.side == "upstream" else None
-        model, applied = build(tree, args.side, args.config, args.weights, device, plant)
+        model, applied = build(tree, args.side, args.config, args.weights, device, plant,
+                               os.path.dirname(args.out))
         inp = torch.load(args.inputs, weights_only=True)
         stages = run_stages(model, inp, args.side, args.stages, args.modes, device)
         check_origin(tree)
