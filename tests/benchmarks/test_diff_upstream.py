@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import types
 
 import pytest
@@ -179,13 +180,17 @@ def test_spec_shaped_upstream_passes_through_the_shims(tmp_path, capsys):
     assert rows["canny2image"]["verdict"] == "PASS"
 
 
-def test_upstream_side_failure_is_a_one_line_error(tmp_path, capsys):
+def test_upstream_side_failure_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     tree = spec_shaped_upstream(tmp_path)
     (tree / "cldm/cldm.py").write_text("import a_package_nobody_has\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the kept log goes
     rc, result, captured = run_tool(tmp_path, capsys, "--upstream", str(tree), "--stages", "vae")
     assert rc == 2 and result is None
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and "a_package_nobody_has" in lines[0] and "full log" in lines[0]
+    assert len(lines) == 1 and "a_package_nobody_has" in lines[0], lines
+    log = lines[0].split("(full log: ")[1].rstrip(")")
+    assert os.path.dirname(os.path.dirname(log)) == str(tmp_path)
+    assert os.listdir(os.path.dirname(log)) == ["worker_upstream.log"]   # no weights left behind
 
 
 def test_pl_distributed_shim_aliases_rank_zero_only(tmp_path, monkeypatch):
