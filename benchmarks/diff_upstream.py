@@ -241,7 +241,7 @@ def compare_ddim(ours, up):
         a_err, b_err = (v.get("error") if isinstance(v, dict) else None for v in (a, b))
         if b_err and not a_err:
             if steps in KNOWN_UPSTREAM_DDIM_CRASHES:
-                documented.append(steps)
+                documented.append((steps, b_err.split(":")[0]))
             else:
                 row.fail(f"upstream crashes at {item}: {b_err}")
             continue
@@ -262,8 +262,9 @@ def compare_ddim(ours, up):
     if math.isfinite(row.worst) and row.worst > REFERENCE_REL_TOL:
         row.fail(f"worst at {worst_item} (tolerance {REFERENCE_REL_TOL:g})")
     if documented:
-        shown = sorted(set(documented))
-        row.notes.append(f"upstream crashes at S={','.join(map(str, shown))} (IndexError, "
+        shown = sorted({steps for steps, _ in documented})
+        kinds = "/".join(sorted({kind for _, kind in documented}))
+        row.notes.append(f"upstream crashes at S={','.join(map(str, shown))} ({kinds}, "
                          "documented in cldm/ddim_hacked.py; ours runs them)")
     return row
 

@@ -538,15 +538,17 @@ def run_canny2image(model, inp, side, mode):
     import numpy as np
     import torch
     images, first_eps = {}, {}
+    pipe = None
+    if side == "ours":
+        from runtime.canny2image import Canny2Image
+        pipe = Canny2Image(model, mode=mode)  # one per mode: fast mode keeps its graphs
     for i, case in enumerate(inp["cases"]):
         args = dict(case, input_image=inp["image"].numpy())
-        if side == "upstream":
+        if pipe is None:
             with FirstGuidedEps(model, case["scale"]) as recorder:
                 result = spec_process(model, **args)
             first_eps[f"case{i}"] = recorder.eps()
         else:
-            from runtime.canny2image import Canny2Image
-            pipe = Canny2Image(model, mode=mode)
             result = pipe.process(**args)
             info = getattr(getattr(pipe, "fast", None), "last_info", None) or {}
             if isinstance(info.get("first_eps"), torch.Tensor):
