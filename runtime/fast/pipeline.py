@@ -53,6 +53,10 @@ class FastRunner:
     kernel_handle = property(lambda self: self.nets.handle)
     kernels_active = property(lambda self: self.nets.kernels_active)
 
+    def graph_keys(self):
+        """Keys of the cached graph entries, least recently used first."""
+        return self.graphs.keys()
+
     def fp32(self):
         """Context: the model with its original fp32 weights and upstream's forwards."""
         return self.nets.fp32()
