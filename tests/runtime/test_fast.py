@@ -390,12 +390,17 @@ def test_graph_replay_after_the_hint_batch_changes(gpu_model):
 @pytest.mark.gpu
 def test_fp16_fast_close_to_fp32_reference(gpu_model):
     hint, ctx_c, ctx_u, x_T = gpu_inputs(gpu_model)
+    nets_fp32 = sum(p.numel() * 4 for net in _nets(gpu_model) for p in net.parameters())
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     r = FastRunner(gpu_model)
     try:
-        # The networks are converted in place: no standing fp32 duplicate on the device.
-        assert torch.cuda.memory_allocated() < 0.75 * before
+        # The networks are converted in place: what they hold on the device now is their fp16
+        # size plus the small fp32 precompute copies, no standing fp32 duplicate.
+        small = sum(p.numel() * 4 for m in (r.pre.hint_block, r.pre.time_embed_unet,
+                                            r.pre.time_embed_control) for p in m.parameters())
+        held = torch.cuda.memory_allocated() - (before - nets_fp32)
+        assert held <= 0.5 * nets_fp32 + small + 2 ** 20, (held, nets_fp32, small)
         z, info = r.sample(hint, ctx_c, ctx_u, x_T, 5)
         ref = r.reference_sample(hint, ctx_c, ctx_u, x_T, 5, False, 1.0, 9.0, 0.0)
     finally:
