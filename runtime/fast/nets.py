@@ -75,6 +75,7 @@ class FastNets:
                                  for m, k, p, t in _tensors(net)]
                 self._convert(net, dtype, cl)
         self.handle = None
+        self._fp32_names = None  # inside fp32(): the networks brought so far
         self._holder = nn.ModuleDict(self.nets)  # one root for the patch of all three
         self._patch()
         self.closed = False
@@ -129,15 +130,23 @@ class FastNets:
         """Within: the networks `names` in fp32 with their original weights and without the
         patch (upstream's forwards): for the fp32 redo and reference mode on this model."""
         self._check_open()
-        self._unpatch()
+        outer = self._fp32_names is not None   # nested: only what the outer one has not brought
+        todo = [n for n in names if not outer or n not in self._fp32_names]
+        if not outer:
+            self._unpatch()
+            self._fp32_names = set()
         saved = []
         try:
-            saved = self._originals(names, torch.float32)
+            saved = self._originals(todo, torch.float32)
+            self._fp32_names.update(todo)
             yield self.model
         finally:
             for mod, name, is_param, value in reversed(saved):
                 _assign(mod, name, is_param, value)  # the very same tensors: graphs stay valid
-            self._patch()
+            self._fp32_names.difference_update(todo)
+            if not outer:
+                self._fp32_names = None
+                self._patch()
 
     def close(self):
         """Give the model back as it was: original weights (from host memory), no patch."""

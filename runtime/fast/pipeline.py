@@ -57,9 +57,9 @@ class FastRunner:
         """Keys of the cached graph entries, least recently used first."""
         return self.graphs.keys()
 
-    def fp32(self):
-        """Context: the model with its original fp32 weights and upstream's forwards."""
-        return self.nets.fp32()
+    def fp32(self, names=("unet", "control", "vae")):
+        """Context: the model with the original fp32 weights of `names` and upstream's forwards."""
+        return self.nets.fp32(names)
 
     def close(self):
         """Free the graphs and give the model back exactly as it was."""

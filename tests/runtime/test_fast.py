@@ -309,6 +309,17 @@ def test_one_copy_of_each_network_in_the_fast_dtype(model, inputs, runner):
     hint, ctx_c, ctx_u, x_T = inputs
     z, _ = r.sample(hint, ctx_c, ctx_u, x_T, 2)
     assert torch.isfinite(z).all()
+    # fp32(): the original weights for a while (nested: each brings what the outer did not)
+    w_unet, w_vae = r.unet.out[2].weight, r.vae.decoder.conv_in.weight
+    fast_unet = w_unet.data_ptr()
+    with r.fp32(("vae",)):
+        assert w_vae.dtype == torch.float32 and w_unet.dtype == torch.bfloat16
+        assert r.kernel_handle is None and "forward" not in r.unet.out[2].__dict__
+        with r.fp32():
+            assert w_unet.dtype == torch.float32
+        assert w_unet.dtype == torch.bfloat16 and w_vae.dtype == torch.float32
+    assert w_vae.dtype == torch.bfloat16 and w_unet.data_ptr() == fast_unet  # same memory
+    assert r.kernel_handle.active
 
 
 def test_close_gives_the_model_back_exactly(model, inputs, runner):
