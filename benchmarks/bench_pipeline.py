@@ -9,8 +9,16 @@ Rows:
   reference            upstream-equivalent fp32 (Canny2Image mode="reference")
   fp16                 FastOptions.plain(): model in fp16 + SDPA attention, eager, two CFG calls
   +kernels, +batched_cfg, +precompute, +channels_last, +cuda_graph (= full fast mode, two streams)
-  compile              (--compile) torch.compile of the fast eager step, in a subprocess with a
-                       time limit: "did not compile within N s" is recorded if it runs over
+  compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
+                       in a subprocess with a time limit: "did not compile within N s" is
+                       recorded if it runs over
+Every fast row is Canny2Image(model, mode="fast", options=FastOptions(...)) and nothing else.
+
+Kernels per step: for every fast row (at the first size and batch; --no-kernel-profile to skip),
+the same options with the graph off run under torch.profiler at --steps and at half as many
+steps; the difference divided by the difference in steps is the number of GPU kernels and the GPU
+time of one denoising step, by kernel family (the fixed costs, CLIP, precompute and the VAE,
+cancel out).
 
 Weights are seeded random at full SD1.5+ControlNet size (timings do not depend on their values).
 A failing row records its error and the run goes on. Output under --out: bench_<tag>.json, a
@@ -20,9 +28,13 @@ markdown table bench_<tag>.md and (if matplotlib is importable) PNG plots via be
   python benchmarks/bench_pipeline.py --sizes 512 --batches 1 --repeats 5
 """
 import argparse
+import collections
+import contextlib
+import dataclasses
 import json
 import logging
 import math
+import re
 import os
 import platform
 import shlex
@@ -38,7 +50,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from runtime.canny2image import Canny2Image  # noqa: E402
-from runtime.fast import FastOptions, FastRunner  # noqa: E402
+from runtime.fast import FastOptions, owner  # noqa: E402
 from runtime.sample import sample_image  # noqa: E402
 from runtime.weights import build_model  # noqa: E402
 
@@ -135,7 +147,8 @@ def reference_first_eps(model, size, batch, steps, scale, seed):
     t = ddim_schedule(model, steps, 0.0, model.device).timesteps[0]
     tt = torch.full((batch,), t, device=model.device, dtype=torch.long)
     model.control_scales = [1.0] * 13
-    with torch.no_grad():
+    fast_owner = owner(model)  # a fast row's pipeline holds the model: use its fp32 weights
+    with torch.no_grad(), fast_owner.fp32() if fast_owner else contextlib.nullcontext():
         e_c = model.apply_model(x, tt, {"c_concat": [hint], "c_crossattn": [cc]})
         e_u = model.apply_model(x, tt, {"c_concat": [hint], "c_crossattn": [cu]})
     return e_u + scale * (e_c - e_u)
@@ -208,18 +221,68 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
     return results
 
 
-def fast_pipe(model, opts):
-    pipe = Canny2Image(model, mode="reference")   # preprocessing + checks; generation below
-    pipe.fast = FastRunner(model, opts)
-    return pipe
+# Kernel families by kernel name, first match wins (cuDNN / cuBLAS / PyTorch / our Triton names).
+FAMILIES = [
+    ("attention", r"fmha|flash|sdpa|attention|_attn_"),
+    ("convolution", r"conv|fprop|dgrad|implicit_gemm|winograd"),
+    ("linear (GEMM)", r"gemm|cutlass|cublas|xmma|matmul|nvjet"),
+    ("GroupNorm (Triton)", r"group_norm|_gn_"),
+    ("GEGLU, LayerNorm, SiLU (Triton)", r"geglu|layer_norm|_act_|silu"),
+    ("copies / cat / layout", r"copy|cat|memcpy|memset|transpose|permute"),
+    ("elementwise / reductions", r"elementwise|vectorized|reduce|unrolled"),
+]
+
+
+def family(name):
+    low = name.lower()
+    return next((f for f, pat in FAMILIES if re.search(pat, low)), "other")
+
+
+def kernel_profile(model, opts, args, size, batch):
+    """{"kernels_per_step", "gpu_ms_per_step", "by_family": {family: [kernels, ms]}} of one
+    denoising step of `opts` (graph off), from two profiled runs that differ only in steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe = Canny2Image(model, mode="fast", options=dataclasses.replace(opts, cuda_graph=False))
+    image = sample_image(size * 5 // 4, size * 5 // 4)
+    per, others = {}, collections.Counter()
+    try:
+        for steps in (args.steps, args.steps // 2):
+            call = (image, PROMPT, A_PROMPT, N_PROMPT, batch, size, steps, False, 1.0, args.scale,
+                    args.seed, 0.0, 100, 200)
+            pipe.process(*call)  # warm-up: cudnn autotune, Triton compile
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                pipe.process(*call)
+                sync()
+            fams = collections.defaultdict(lambda: [0, 0.0])
+            for ev in prof.events():
+                if ev.device_type == DeviceType.CUDA:
+                    f = fams[family(ev.name)]
+                    f[0] += 1
+                    f[1] += ev.device_time / 1e3
+                    if family(ev.name) == "other":
+                        others[ev.name[:80]] += 1
+            per[steps] = fams
+    finally:
+        pipe.close()
+    n = args.steps - args.steps // 2
+    big, small = per[args.steps], per[args.steps // 2]
+    by = {f: [round((big[f][0] - small[f][0]) / n, 1), round((big[f][1] - small[f][1]) / n, 3)]
+          for f in set(big) | set(small)}
+    by = dict(sorted(by.items(), key=lambda kv: -kv[1][1]))
+    return {"kernels_per_step": round(sum(v[0] for v in by.values()), 1),
+            "gpu_ms_per_step": round(sum(v[1] for v in by.values()), 3), "by_family": by,
+            "other_kernels": others.most_common(8)}  # names the families above do not match
 
 
 def compile_row(args):
     """Child process: torch.compile the fast eager step; prints one JSON line of results."""
     model = build_model(args.config, random_weights=True, device="cuda", seed=0)
-    opts = ablation_options("+channels_last", torch.float16)
-    pipe = fast_pipe(model, opts)
-    pipe.fast._step = torch.compile(pipe.fast._step, mode=args.compile_mode)
+    opts = dataclasses.replace(ablation_options("+channels_last", torch.float16),
+                               compile=args.compile_mode)
+    pipe = Canny2Image(model, mode="fast", options=opts)
     t = time.perf_counter()
     rows = run_row("compile", pipe, model, args, {}, pipe.fast)
     for r in rows:
@@ -236,12 +299,12 @@ def markdown(env, rows):
              f"Seeded random weights ({os.path.basename(env.get('config', ''))}); end to end = process() incl. resize + Canny, CLIP, "
              "DDIM, VAE decode, uint8. eps err = relative L2 error of the first step's guided eps vs "
              "reference (fp32); PSNR vs reference mode's images (same seed).", "",
-             "| row | size | batch | e2e median ms (min–max) | loop ms | it/s | × ref | peak GiB | eps err | PSNR dB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | size | batch | e2e median ms (min–max) | loop ms | it/s | × ref | peak GiB | eps err | PSNR dB | kernels/step | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ref = {(r["size"], r["batch"]): r.get("median_ms") for r in rows if r["row"] == "reference"}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['size']} | {r['batch']} | – | – | – | – | – | – | – | {r['error'][:120]} |")
+            lines.append(f"| {r['row']} | {r['size']} | {r['batch']} | – | – | – | – | – | – | – | – | {r['error'][:120]} |")
             continue
         base = ref.get((r["size"], r["batch"]))
         speed = f"{base / r['median_ms']:.1f}×" if base else "–"
@@ -254,7 +317,16 @@ def markdown(env, rows):
         lines.append(
             f"| {r['row']} | {r['size']}² | {r['batch']} | {r['median_ms']:.1f} ({r['min_ms']:.1f}–{r['max_ms']:.1f}) | "
             f"{r['loop']['median_ms']:.1f} | {r['it_per_s']:.1f} | {speed} | {f(r.get('peak_mem_gib'), '{:.2f}')} | "
-            f"{f(r.get('eps_rel_err'), '{:.2e}')} | {f(r.get('psnr_db'), '{:.1f}')} | {'; '.join(note)} |")
+            f"{f(r.get('eps_rel_err'), '{:.2e}')} | {f(r.get('psnr_db'), '{:.1f}')} | "
+            f"{f((r.get('kernel_profile') or {}).get('kernels_per_step'), '{:.0f}')} | {'; '.join(note)} |")
+    profiled = [r for r in rows if r.get("kernel_profile")]
+    if profiled:
+        lines += ["", "GPU time of one denoising step by kernel family (profiled eager run of the "
+                  "row's options, graph off): ms (kernels)", "",
+                  "| row | size | batch | family | ms / step | kernels / step |", "|---|---|---|---|---|---|"]
+        for r in profiled:
+            for fam, (k, ms) in r["kernel_profile"]["by_family"].items():
+                lines.append(f"| {r['row']} | {r['size']}² | {r['batch']} | {fam} | {ms:.2f} | {k:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,6 +347,8 @@ def main():
                     help="subset of: reference " + " ".join(n for n, _ in ABLATION))
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--no-eps-error", dest="eps_error", action="store_false")
+    ap.add_argument("--no-kernel-profile", dest="kernel_profile", action="store_false",
+                    help="skip the profiled eager runs behind the kernels-per-step column")
     ap.add_argument("--compile", action="store_true", help="add the torch.compile row (slow)")
     ap.add_argument("--compile-timeout", type=int, default=300)
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
@@ -314,11 +388,22 @@ def main():
             if name == "reference":
                 rows += run_row(name, Canny2Image(model, mode="reference"), model, args, refs)
             else:
-                pipe = fast_pipe(model, ablation_options(name, dtype))
-                rows += run_row(name, pipe, model, args, refs, pipe.fast)
-                pipe.fast.clear_graphs()
+                opts = ablation_options(name, dtype)
+                pipe = Canny2Image(model, mode="fast", options=opts)
+                try:
+                    new = run_row(name, pipe, model, args, refs, pipe.fast)
+                finally:
+                    pipe.close()  # frees its graphs and gives the model back as it was
                 del pipe
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                if args.kernel_profile and torch.cuda.is_available() and "error" not in new[0]:
+                    try:
+                        new[0]["kernel_profile"] = kernel_profile(model, opts, args, new[0]["size"],
+                                                                  new[0]["batch"])
+                    except Exception as e:  # the profile is extra: never lose the row over it
+                        new[0]["kernel_profile_error"] = f"{type(e).__name__}: {e}"
+                        log.error("kernel profile of %s failed:\n%s", name, traceback.format_exc())
+                rows += new
         except Exception as e:
             rows.append({"row": name, "size": None, "batch": None, "error": f"{type(e).__name__}: {e}"})
             log.error("row %s failed:\n%s", name, traceback.format_exc())

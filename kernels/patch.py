@@ -20,7 +20,15 @@ Every patched forward checks device, dtype, layout and autograd, and falls back 
 forward when the kernel cannot run, counting the reason; `strict=True` raises instead (the tests
 use it so nothing passes on a fallback). CONTROLNET_KERNELS_DISABLE="attention,group_norm"
 (or "all") switches kernels off. Without Triton, or without a GPU outside the interpreter, the
-model is left as it is and `handle.active` is False with `handle.reason` saying why.
+model is left as it is (`handle.reason` says why) except for the sites that need no Triton.
+
+Sites that need no Triton (kernels/_torch_sites.py), off unless asked for: `sdpa=True` runs every
+CrossAttention that the Triton attention does not take through F.scaled_dot_product_attention;
+`cross_kv=lookup` makes every attn2 read the per-generation constant K/V of the text from
+`lookup(module) -> (k, v)` ([B, heads, L, d]) when called without a context (fast mode's
+precompute). `fusions` names fused kernels (validated against FUSIONS). Patching an already
+patched model returns a handle whose `undo()` leaves the outer patch in place, so
+`kernels.patched()` nests.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from . import platform
 logger = logging.getLogger(__name__)
 
 KERNELS = ("attention", "group_norm", "layer_norm", "geglu", "silu")
+TORCH_SITES = ("sdpa", "cross_kv")  # counted like kernels; need no Triton
+FUSIONS = ()  # names of the fused kernels `patch(fusions=...)` accepts (none yet)
 ENV_DISABLE = "CONTROLNET_KERNELS_DISABLE"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HANDLE_ATTR = "_kernels_patch_handle"  # plain attribute on the root: never in state_dict
@@ -73,13 +83,15 @@ def _identity(self, x, *args, **kwargs):
 class PatchHandle:
     """What `patch` changed: counts per kernel, and `undo()` (idempotent). A context manager."""
 
-    def __init__(self, model, strict, enabled):
+    def __init__(self, model, strict, enabled, fusions=()):
         self.model = model
         self.strict = strict
         self.enabled = enabled
+        self.fusions = tuple(fusions)
         self.active = False
         self.reason = ""
-        self.counts = {k: {"sites": 0, "calls": 0, "fallbacks": 0, "reasons": {}} for k in KERNELS}
+        counted = KERNELS + tuple(k for k in TORCH_SITES if enabled.get(k))
+        self.counts = {k: {"sites": 0, "calls": 0, "fallbacks": 0, "reasons": {}} for k in counted}
         self.counts["attention"]["sdpa"] = 0
         self._changes = []  # (module, attribute name, previous instance value or _MISSING, new)
 
@@ -142,6 +154,29 @@ class PatchHandle:
 _MISSING = object()
 
 
+class NestedHandle:
+    """What `patch` returns for a model that is already patched: the outer handle's counts and
+    state, but `undo()` (and leaving a `with` block) leaves the outer patch in place."""
+
+    def __init__(self, outer):
+        self.outer = outer
+
+    def __getattr__(self, name):
+        return getattr(self.outer, name)
+
+    def __repr__(self):
+        return f"NestedHandle({self.outer!r})"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def undo(self):
+        """A no-op: the patch belongs to the outer handle."""
+
+
 def _disabled_from_env():
     raw = os.environ.get(ENV_DISABLE, "").strip().lower()
     if raw in ("1", "all", "true", "yes"):
@@ -150,10 +185,13 @@ def _disabled_from_env():
 
 
 def patch(model: nn.Module, *, attention=True, group_norm=True, layer_norm=True, geglu=True,
-          silu=True, strict=False) -> PatchHandle:
+          silu=True, sdpa=False, cross_kv=None, fusions=(), strict=False) -> PatchHandle:
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None and existing.active:
-        return existing  # patching twice is a no-op
+        return NestedHandle(existing)  # patching twice is a no-op; its undo leaves the outer
+    unknown = sorted(set(fusions) - set(FUSIONS))
+    if unknown:
+        raise ValueError(f"kernels.patch: unknown fusions {unknown} (known: {list(FUSIONS)})")
     enabled = dict(attention=attention, group_norm=group_norm, layer_norm=layer_norm,
                    geglu=geglu, silu=silu)
     off = _disabled_from_env()
@@ -161,24 +199,30 @@ def patch(model: nn.Module, *, attention=True, group_norm=True, layer_norm=True,
     if unknown:
         logger.warning("%s: unknown kernel names %s (known: %s)", ENV_DISABLE, sorted(unknown), KERNELS)
     enabled = {k: bool(v) and k not in off for k, v in enabled.items()}
-    handle = PatchHandle(model, strict, enabled)
+    enabled.update(sdpa=bool(sdpa), cross_kv=cross_kv is not None)
+    handle = PatchHandle(model, strict, enabled, fusions)
+    from . import _torch_sites  # no Triton needed: installed wherever torch runs
+    if cross_kv is not None:
+        _torch_sites.install_cross_kv(handle, model, cross_kv, sdpa)
     usable, why = platform.kernels_usable()
-    if not usable:
-        handle.reason = why
-        logger.info("kernels.patch: model left unpatched: %s", why)
-        return handle
-    if not any(enabled.values()):
-        handle.reason = f"all kernels disabled ({ENV_DISABLE} or arguments)"
-        return handle
-    from . import _sites  # imports triton: only once we know it is there
-    _sites.install(handle, model)
-    model.__dict__[_HANDLE_ATTR] = handle
-    handle.active = True
+    if usable and not any(enabled[k] for k in KERNELS):
+        usable, why = False, f"all kernels disabled ({ENV_DISABLE} or arguments)"
+    if usable:
+        from . import _sites  # imports triton: only once we know it is there
+        _sites.install(handle, model)
+    if sdpa:
+        _torch_sites.install_sdpa(handle, model)
     handle.reason = why
-    logger.info("kernels.patch: %s", handle)
+    if handle._changes:
+        model.__dict__[_HANDLE_ATTR] = handle
+        handle.active = True
+        logger.info("kernels.patch: %s", handle)
+    else:
+        logger.info("kernels.patch: model left unpatched: %s", why)
     return handle
 
 
 def patched(model: nn.Module, **kwargs) -> PatchHandle:
-    """`with kernels.patched(model) as h:` — patched inside the block, restored after it."""
+    """`with kernels.patched(model) as h:` — patched inside the block, restored after it (on a
+    model that is already patched: the outer patch stays)."""
     return patch(model, **kwargs)

@@ -4,7 +4,12 @@ Reference mode runs exactly upstream's steps in float32 with cldm/ddim_hacked.py
 resize + Canny, hint tensor, seed, CLIP cond/uncond, control scales, DDIM, VAE decode, uint8 by
 truncation; the result is [255 - edge map] + samples. Every parameter is checked first
 (runtime/inputs.py: the rules the CLI and the demo share).
+
+Fast mode (runtime/fast/) converts the model's UNet, ControlNet and VAE in place and owns the
+model until `close()`; reference mode on the same model object meanwhile runs on the original
+fp32 weights (brought from host memory for each call), so its results do not change.
 """
+import contextlib
 import random
 
 import numpy as np
@@ -14,6 +19,7 @@ from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.ddim_hacked import DDIMSampler
 from runtime.errors import InputError
+from runtime.fast import FastRunner, owner
 from runtime.inputs import (MAX_PROMPT_CHARS, MODES, check_inputs, control_scales,  # noqa: F401
                             resized_shape, to_uint8_image)
 from runtime.seed import seed_everything
@@ -22,19 +28,24 @@ from runtime.seed import seed_everything
 class Canny2Image:
     """process(...) of upstream's canny2image demo for one model (ControlLDM)."""
 
-    def __init__(self, model, mode="reference"):
+    def __init__(self, model, mode="reference", options=None):
+        """`options`: a runtime.fast.FastOptions for mode "fast" (None: its defaults for the
+        model's device)."""
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        # HOOK (fast mode): runtime/fast.py's runner (fp16 copies, graphs) serves `_generate`.
-        self.fast = None
-        if mode == "fast":
-            from runtime.fast import FastRunner
-            self.fast = FastRunner(model)
+        if options is not None and mode != "fast":
+            raise InputError(f"options are for mode 'fast', not {mode!r}")
+        self.fast = FastRunner(model, options) if mode == "fast" else None
         self.model = model
         self.mode = mode
         self.apply_canny = CannyDetector()
         self.ddim_sampler = DDIMSampler(model)
         self.last_seed = None
+
+    def close(self):
+        """Fast mode: free its graphs and give the model back as it was. Reference mode: no-op."""
+        if self.fast is not None:
+            self.fast.close()
 
     def check(self, *args, **kwargs):
         """check_inputs(...) for this pipeline (the same checks for every mode)."""
@@ -63,11 +74,18 @@ class Canny2Image:
     def _generate(self, detected_map, prompt, n_prompt, num_samples, ddim_steps, guess_mode,
                   strength, scale, seed, eta, progress):
         """Steps 3-9 of upstream's process() (spec §4.10), from the HxWx3 edge map and the joined
-        prompt to num_samples uint8 images. HOOK (fast mode): the fast runner replaces this."""
+        prompt to num_samples uint8 images."""
         if self.fast is not None:
             self.last_seed = seed
             return self.fast.generate(detected_map, prompt, n_prompt, num_samples, ddim_steps,
                                       guess_mode, strength, scale, seed, eta, progress)
+        fast_owner = owner(self.model)  # a fast-mode pipeline holds the model: its fp32 weights
+        with fast_owner.fp32() if fast_owner is not None else contextlib.nullcontext():
+            return self._reference(detected_map, prompt, n_prompt, num_samples, ddim_steps,
+                                   guess_mode, strength, scale, seed, eta, progress)
+
+    def _reference(self, detected_map, prompt, n_prompt, num_samples, ddim_steps, guess_mode,
+                   strength, scale, seed, eta, progress):
         model, device = self.model, self.model.device
         H, W = detected_map.shape[:2]
 

@@ -88,7 +88,7 @@ def parse_args(argv):
                    help="auto (the accelerator if there is one, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--mode", choices=("reference", "fast"), default=None,
                    help="reference: upstream-exact fp32; fast: fp16, batched guidance, kernels, "
-                        "CUDA/HIP graph (runtime/fast.py). Default: fast on a GPU, else reference")
+                        "CUDA/HIP graph (runtime/fast/). Default: fast on a GPU, else reference")
     p.add_argument("--outdir", default=os.path.join(".", "outputs"),
                    help="output folder (default ./outputs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -174,10 +174,7 @@ def build_pipeline(args, device):
                             device=device, seed=args.weights_seed)
     except CheckpointError as e:
         raise CliError(str(e)) from None
-    try:
-        return Canny2Image(model, mode=args.mode)
-    except NotImplementedError as e:
-        raise CliError(f"--mode {args.mode}: {e}") from None
+    return Canny2Image(model, mode=args.mode)
 
 
 def run(args):

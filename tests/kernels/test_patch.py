@@ -71,7 +71,10 @@ def test_undo_restores_identity_and_state_dict():
     assert len(m.out) == 3 and isinstance(m.out[1], nn.SiLU)  # Sequential kept intact
     assert "forward" in m.out[0].__dict__
     assert "GroupNorm" in repr(m)
-    assert kernels.patch(m) is h  # patching twice is a no-op
+    inner = kernels.patch(m)  # patching twice is a no-op ...
+    assert inner.counts is h.counts and inner.active
+    inner.undo()  # ... and its undo leaves the outer patch in place
+    assert "forward" in m.out[0].__dict__ and h.active
     h.undo()
     h.undo()  # safe twice
     after = list(m.modules())
@@ -79,6 +82,50 @@ def test_undo_restores_identity_and_state_dict():
     assert all("forward" not in mod.__dict__ for mod in after)
     assert m.block.attn1.forward.__func__ is type(m.block.attn1).forward
     assert not h.active
+
+
+def test_nested_patched_keeps_the_outer_patch():
+    m = _toy()
+    args = _toy_inputs()
+    with kernels.patched(m) as outer:
+        patched_forward = m.block.attn1.__dict__["forward"]
+        with kernels.patched(m, strict=True) as inner:
+            assert inner.outer is outer
+        assert outer.active and m.block.attn1.__dict__["forward"] is patched_forward
+        with torch.no_grad():
+            m(*args)
+        assert outer.counts["attention"]["calls"] == 2
+    assert not outer.active and all("forward" not in mod.__dict__ for mod in m.modules())
+
+
+def test_sdpa_and_cross_kv_sites():
+    """sdpa: CrossAttention through F.scaled_dot_product_attention; cross_kv: attn2 reads (k, v)
+    from the lookup when called without a context. Both counted, both undone, no Triton needed."""
+    from kernels._torch_sites import split_kv
+    m = _toy()
+    x, ctx, img = _toy_inputs()
+    attn1, attn2 = m.block.attn1, m.block.attn2
+    with torch.no_grad():
+        ref1, ref2 = attn1(x), attn2(x, context=ctx)
+        cache = {attn2: split_kv(attn2, ctx)}
+        with kernels.patched(m, attention=False, group_norm=False, layer_norm=False, geglu=False,
+                             silu=False, sdpa=True, cross_kv=cache.get, strict=True) as h:
+            got1, got2 = attn1(x), attn2(x)
+            assert h.counts["sdpa"]["sites"] == 1 and h.counts["cross_kv"]["sites"] == 1
+            assert h.counts["sdpa"]["calls"] == 1 and h.counts["cross_kv"]["calls"] == 1
+            with pytest.raises(KernelFallback, match="context given"):  # strict: no silent swap
+                attn2(x, context=ctx)
+            cache.clear()
+            with pytest.raises(RuntimeError, match="no cached K/V"):
+                attn2(x)
+    assert_close(got1, ref1, torch.float32)
+    assert_close(got2, ref2, torch.float32)
+    assert "forward" not in attn1.__dict__ and "forward" not in attn2.__dict__
+
+
+def test_unknown_fusion_is_refused():
+    with pytest.raises(ValueError, match="unknown fusions \\['nope'\\]"):
+        kernels.patch(_toy(), fusions=("nope",))
 
 
 def test_fallback_counted_and_strict_raises():

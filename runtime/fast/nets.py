@@ -1,0 +1,163 @@
+"""The networks of fast mode: the caller's own UNet, ControlNet and VAE, converted in place.
+
+One copy of each network lives on the device, in the fast dtype: a full-size SD1.5 + ControlNet
+in fp16 is ~2.4 GB of weights where a private fp16 copy beside the caller's fp32 model held
+~7.2 GB. The fp32 originals go to host memory (exact values, kept for as long as fast mode owns
+the model); CLIP is not touched (fp32: small, and fp16 CLIP risks its -inf mask).
+
+A FastNets *owns* the model until `close()`: a second fast runner on the same model is refused,
+and reference-mode work on it (the fp32 redo, reference mode on the same object) runs inside
+`fp32()`, which brings the original weights from host memory for the duration and takes the
+kernel patch off, so it runs upstream's numerics exactly. The fast tensors stay allocated while
+it runs, so captured graphs stay valid; `close()` puts the original weights back for good.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+import kernels
+from kernels.patch import KERNELS
+from ldm.modules.diffusionmodules.util import GroupNorm32
+from runtime.fast.options import resolve_attention
+
+logger = logging.getLogger(__name__)
+
+NETS = ("unet", "control", "vae")
+_OWNER = "_fast_mode_owner"  # plain attribute on the ControlLDM: never in its state_dict
+
+
+def owner(model):
+    """The FastNets that owns `model` (converted it for fast mode), or None."""
+    return model.__dict__.get(_OWNER)
+
+
+def _tensors(net):
+    """(module, name, is_parameter, tensor) of every parameter and buffer of `net`."""
+    for mod in net.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            yield mod, name, True, p
+        for name, b in mod.named_buffers(recurse=False):
+            yield mod, name, False, b
+
+
+def _assign(mod, name, is_param, value):
+    if is_param:
+        getattr(mod, name).data = value
+    else:
+        setattr(mod, name, value)
+
+
+class FastNets:
+    """The model's UNet, ControlNet and VAE in the fast dtype, patched by kernels.patch."""
+
+    def __init__(self, model, options, cross_kv):
+        if owner(model) is not None:
+            raise RuntimeError("this model is already in fast mode (owned by another fast-mode "
+                               "pipeline): close() that one first")
+        self.model, self.options, self.cross_kv = model, options, cross_kv
+        self.device = model.device
+        self.nets = {"unet": model.model.diffusion_model, "control": model.control_model,
+                     "vae": model.first_stage_model}
+        self.unet, self.control, self.vae = (self.nets[n] for n in NETS)
+        self.attention, self.attention_reason = resolve_attention(options, self.device)
+        o = options
+        target = {"unet": (o.dtype, o.channels_last), "control": (o.dtype, o.channels_last),
+                  "vae": (o.vae_dtype, False)}
+        self._host = {}    # net name -> [(module, name, is_param, fp32 original on the host)]
+        for n, net in self.nets.items():
+            dtype, cl = target[n]
+            if cl or any(t.dtype != dtype for *_, t in _tensors(net) if t.is_floating_point()):
+                self._host[n] = [(m, k, p, t.detach().to("cpu", copy=True))
+                                 for m, k, p, t in _tensors(net)]
+                self._convert(net, dtype, cl)
+        self.handle = None
+        self._fp32_names = None  # inside fp32(): the networks brought so far
+        self._holder = nn.ModuleDict(self.nets)  # one root for the patch of all three
+        self._patch()
+        self.closed = False
+        model.__dict__[_OWNER] = self
+        logger.info("fast mode: %s (attention %s: %s)", self.handle, self.attention,
+                    self.attention_reason)
+
+    @staticmethod
+    def _convert(net, dtype, channels_last):
+        net.to(dtype=dtype)
+        # GroupNorm32 normalizes x.float(): its affine parameters stay fp32 (as upstream's
+        # convert_to_fp16 leaves norms alone); torch's group_norm wants them in the input's dtype.
+        for sub in net.modules():
+            if isinstance(sub, GroupNorm32):
+                sub.float()
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+
+    def _patch(self):
+        o = self.options
+        self.handle = kernels.patch(
+            self._holder, attention=self.attention == "triton", group_norm=o.kernels,
+            layer_norm=o.kernels, geglu=o.kernels, silu=o.kernels, sdpa=True,
+            cross_kv=self.cross_kv if o.precompute else None, fusions=o.kernel_fusions())
+
+    def _unpatch(self):
+        if self.handle is not None:
+            self.handle.undo()
+            self.handle = None
+
+    @property
+    def kernels_active(self):
+        """Are Triton kernels patched in (not only the SDPA / cached-K/V forwards)?"""
+        return self.handle is not None and any(self.handle.counts[k]["sites"] for k in KERNELS)
+
+    def _originals(self, names, dtype=None):
+        """Put the host originals of `names` on the device (as `dtype` if given); return what was
+        there before, to put back."""
+        saved = []
+        for n in names:
+            for mod, name, is_param, host in self._host.get(n, ()):
+                current = getattr(mod, name)
+                saved.append((mod, name, is_param, current.data if is_param else current))
+                value = host.to(self.device)
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+                _assign(mod, name, is_param, value)
+        return saved
+
+    @contextlib.contextmanager
+    def fp32(self, names=NETS):
+        """Within: the networks `names` in fp32 with their original weights and without the
+        patch (upstream's forwards): for the fp32 redo and reference mode on this model."""
+        self._check_open()
+        outer = self._fp32_names is not None   # nested: only what the outer one has not brought
+        todo = [n for n in names if not outer or n not in self._fp32_names]
+        if not outer:
+            self._unpatch()
+            self._fp32_names = set()
+        saved = []
+        try:
+            saved = self._originals(todo, torch.float32)
+            self._fp32_names.update(todo)
+            yield self.model
+        finally:
+            for mod, name, is_param, value in reversed(saved):
+                _assign(mod, name, is_param, value)  # the very same tensors: graphs stay valid
+            self._fp32_names.difference_update(todo)
+            if not outer:
+                self._fp32_names = None
+                self._patch()
+
+    def close(self):
+        """Give the model back as it was: original weights (from host memory), no patch."""
+        if self.closed:
+            return
+        self._unpatch()
+        self._originals(NETS)
+        self._host.clear()
+        self.model.__dict__.pop(_OWNER, None)
+        self.closed = True
+
+    def _check_open(self):
+        if self.closed:
+            raise RuntimeError("this fast-mode pipeline was closed: make a new one")

@@ -1,0 +1,94 @@
+"""FastOptions: every switch of fast mode in one object; the benchmark's ablation is a list of them."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+ATTENTION = ("auto", "triton", "sdpa")
+
+
+def as_dtype(d):
+    if isinstance(d, torch.dtype):
+        return d
+    try:
+        return _DTYPES[str(d).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {d!r}: use one of {sorted(_DTYPES)}") from None
+
+
+@dataclasses.dataclass
+class FastOptions:
+    """Switches of fast mode. The defaults are the full fast mode on a GPU."""
+
+    dtype: object = torch.float16       # UNet/ControlNet weights and activations
+    vae_dtype: object = None            # None: same as dtype
+    kernels: bool = True                # the Triton kernels (kernels.patch) in the networks
+    attention: str = "auto"             # CrossAttention: "triton" kernel, "sdpa", or "auto"
+    fusions: Optional[tuple] = None     # kernels.patch fusions; None: kernels.DEFAULT_FUSIONS
+    batched_cfg: bool = True            # cond + uncond in one call of batch 2B
+    precompute: bool = True             # hint block, time embeddings, text K/V once per generation
+    # UNet + ControlNet in NHWC (H100: 17.1 -> 15.1 ms a step); the VAE stays NCHW (it is slower
+    # in NHWC: 21.6 -> 27.6 ms).
+    channels_last: bool = True
+    cuda_graph: bool = True             # the whole step captured once per shape and replayed
+    two_streams: bool = True            # the ControlNet on a second stream beside the UNet encoder
+    graph_cache_size: int = 3           # captured shapes kept (LRU), each with its memory pool
+    nan_check: bool = True              # non-finite eps/latents/images: redo in fp32
+    cudnn_benchmark: bool = True        # only inside fast-mode calls; restored afterwards
+    compile: Optional[str] = None       # torch.compile mode for the step (None: no compile)
+
+    def __post_init__(self):
+        self.dtype = as_dtype(self.dtype)
+        self.vae_dtype = self.dtype if self.vae_dtype is None else as_dtype(self.vae_dtype)
+        if self.graph_cache_size < 1:
+            raise ValueError("graph_cache_size must be >= 1")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.attention == "triton" and not self.kernels:
+            raise ValueError("attention='triton' needs kernels=True")
+        if self.fusions is not None:
+            self.fusions = tuple(self.fusions)
+            if self.fusions and not self.kernels:
+                raise ValueError("fusions need kernels=True")
+
+    def kernel_fusions(self):
+        """The fusions to pass to kernels.patch."""
+        if not self.kernels:
+            return ()
+        if self.fusions is not None:
+            return self.fusions
+        import kernels
+        return tuple(getattr(kernels, "DEFAULT_FUSIONS", ()))
+
+    @classmethod
+    def plain(cls, dtype=torch.float16):
+        """The ablation's starting point: the model in `dtype`, eager, SDPA attention, two CFG
+        calls per step, nothing precomputed, NCHW, no kernels, no graph."""
+        return cls(dtype=dtype, kernels=False, batched_cfg=False, precompute=False,
+                   channels_last=False, cuda_graph=False, two_streams=False)
+
+    @classmethod
+    def for_device(cls, device, **overrides):
+        """Full fast mode on CUDA/HIP; on CPU fp32 without graphs or kernels (same logic)."""
+        if torch.device(device).type != "cuda":
+            base = dict(dtype=torch.float32, kernels=False, channels_last=False, cuda_graph=False,
+                        two_streams=False)
+            base.update(overrides)
+            return cls(**base)
+        return cls(**overrides)
+
+
+def resolve_attention(options, device):
+    """(backend, reason): "triton" or "sdpa" for the CrossAttention modules of the UNet and the
+    ControlNet. The only place "auto" is decided."""
+    if not options.kernels:
+        return "sdpa", "kernels off"
+    if options.attention != "auto":
+        return options.attention, "FastOptions.attention"
+    # LEAD: wire "auto" here to kernels.platform.attention_backend(device) -> (name, reason) once
+    # the `amd` branch has it. Until then SDPA (cuDNN / flash on NVIDIA), fast mode's default so far.
+    return "sdpa", "auto: SDPA until kernels.platform.attention_backend exists"

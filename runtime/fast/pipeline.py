@@ -1,0 +1,225 @@
+"""FastRunner: fast mode's generation, composed of its parts (nets, precompute, step, graph cache,
+fallback). Steps 3-9 of upstream's process() from the edge map and the joined prompt."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Optional
+
+import torch
+
+from runtime import inputs
+from runtime.fast import fallback
+from runtime.fast.graphs import GraphCache, Key
+from runtime.fast.nets import FastNets
+from runtime.fast.options import FastOptions
+from runtime.fast.precompute import CrossKV, Precompute, ddim_schedule
+from runtime.fast.step import Step, control_rows, model_calls
+from runtime.seed import seed_everything
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on):
+    """cudnn.benchmark for the duration of a fast-mode call (the flag is global: restore it)."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+class FastRunner:
+    """Fast-mode generation on a ControlLDM. Converts the model's UNet, ControlNet and VAE in
+    place and owns the model until close() (runtime/fast/nets.py says what that means)."""
+
+    def __init__(self, model, options: Optional[FastOptions] = None):
+        self.model = model
+        self.device = model.device
+        self.options = o = options or FastOptions.for_device(self.device)
+        self.kv = CrossKV()
+        self.pre = Precompute(model, o.dtype, o.channels_last)   # before the nets convert
+        self.nets = FastNets(model, o, self.kv)
+        with self._on_device():
+            self.step = Step(self.nets, self.pre, self.kv, o, self.device)
+        self._run_step = torch.compile(self.step, mode=o.compile) if o.compile else self.step
+        self.graphs = GraphCache(o.graph_cache_size)
+        self.last_info = {}
+
+    # -- the parts, for callers and tests ----------------------------------------------------------
+    unet = property(lambda self: self.nets.unet)
+    control = property(lambda self: self.nets.control)
+    vae = property(lambda self: self.nets.vae)
+    kernel_handle = property(lambda self: self.nets.handle)
+    kernels_active = property(lambda self: self.nets.kernels_active)
+
+    def graph_keys(self):
+        """Keys of the cached graph entries, least recently used first."""
+        return self.graphs.keys()
+
+    def fp32(self, names=("unet", "control", "vae")):
+        """Context: the model with the original fp32 weights of `names` and upstream's forwards."""
+        return self.nets.fp32(names)
+
+    def close(self):
+        """Free the graphs and give the model back exactly as it was."""
+        self.graphs.clear()
+        self.nets.close()
+
+    def _on_device(self):
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    # -- sampling ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, hint, ctx_c, ctx_u, x_T, steps, guess_mode=False, strength=1.0, scale=9.0,
+               eta=0.0, callback: Optional[Callable[[int, int], None]] = None, control_scales=None):
+        """DDIM-sample latents [B, 4, h, w] (float32), as DDIMSampler.sample with the reference's
+        conditioning (cond with control; uncond without control in guess mode).
+
+        hint: [1 or B, 3, H, W] float in [0, 1]; ctx_c/ctx_u: [B, L, D] CLIP outputs; x_T: noise.
+        callback(done, total) is called after every step. Per-step noise for eta > 0 is drawn from
+        the global generator like the reference does.
+        Returns (latents, info) with info["first_eps"] (the guided eps of step 0) and flags.
+        """
+        self.nets._check_open()
+        with self._on_device(), _cudnn_benchmark(self.options.cudnn_benchmark):
+            return self._sample(hint, ctx_c, ctx_u, x_T, steps, guess_mode, strength, scale, eta,
+                                callback, control_scales)
+
+    def _sample(self, hint, ctx_c, ctx_u, x_T, steps, guess_mode, strength, scale, eta, callback,
+                control_scales):
+        o = self.options
+        batch, _, h, w = x_T.shape
+        cfg = ctx_u is not None and scale != 1.0
+        key = Key(h, w, batch, bool(guess_mode), cfg, bool(self.model.only_mid_control),
+                  ctx_c.shape[1])
+        if control_scales is None:
+            control_scales = inputs.control_scales(strength, guess_mode)
+        sched = ddim_schedule(self.model, steps, eta, self.device)
+        e = self.graphs.get(key)
+        self._load(e, hint.to(self.device), ctx_c, ctx_u if cfg else ctx_c, control_scales, scale,
+                   x_T)
+        emb_table = self.pre.time_embeddings(sched.timesteps, self.device) if o.precompute else None
+        graph = o.cuda_graph and self.device.type == "cuda" and e.capture_error is None
+        if graph and e.graph is None:
+            self._load_step(e, sched, emb_table, 0)
+            e.capture(self._run_step, self.device)
+            graph = e.graph is not None
+        first_eps = None
+        for i in range(len(sched.timesteps)):
+            self._load_step(e, sched, emb_table, i)
+            if eta > 0:
+                e.bufs["noise"].copy_(torch.randn(x_T.shape, device=self.device))
+            if graph:
+                e.graph.replay()
+            else:
+                self._run_step(e)
+            if i == 0:
+                first_eps = e.bufs["eps"].clone()
+            if callback is not None:
+                callback(i + 1, len(sched.timesteps))
+        x = e.bufs["x"].clone()
+        bad = bool(e.bufs["bad"]) or not bool(torch.isfinite(x).all())
+        info = {"graph": graph, "capture_error": e.capture_error, "nonfinite": bad,
+                "first_eps": first_eps, "steps": len(sched.timesteps)}
+        self.last_info = info
+        return x, info
+
+    def _load(self, e, hint, ctx_c, ctx_u, scales, scale, x_T):
+        """Fill an entry's static buffers for one generation."""
+        o, b, key, dev, dt = self.options, e.bufs, e.key, self.device, self.options.dtype
+        zeros = torch.zeros(x_T.shape, device=dev)
+        b.put("x", x_T.to(dev, torch.float32))
+        b.put("noise", zeros)
+        b.put("eps", zeros)
+        b.put("bad", torch.zeros((), dtype=torch.bool, device=dev))
+        b.put("sc", torch.zeros(4, device=dev))
+        b.put("gscale", torch.tensor(float(scale), device=dev))
+        b.put("cscales", torch.tensor(scales, dtype=torch.float32).to(dev, dt))
+        rows = control_rows(key, o.batched_cfg)
+        if hint.shape[0] not in (1, key.batch):
+            raise ValueError(f"hint batch {hint.shape[0]}: must be 1 or the batch ({key.batch})")
+        # The hint at the ControlNet's rows ([uncond; cond] in a batched call): one buffer shape
+        # whatever the hint's own batch.
+        if o.precompute:
+            g = self.pre.guided_hint(hint)
+            b.put("g", self.pre.fmt(g.repeat(rows // g.shape[0], 1, 1, 1)))
+            b.put("emb", torch.zeros((2, self.pre.time_embed_unet[-1].out_features), device=dev,
+                                     dtype=dt))
+        else:
+            b.put("hint", self.pre.fmt(hint.to(dt).repeat(rows // hint.shape[0], 1, 1, 1)))
+            b.put("t", torch.zeros(1, dtype=torch.long, device=dev))
+        ctx_c, ctx_u = ctx_c.to(dev, dt), ctx_u.to(dev, dt)
+        both = torch.cat([ctx_u, ctx_c])
+        contexts = {"cond": (ctx_c, ctx_c), "uncond": (ctx_u, ctx_u),
+                    "both": (both, ctx_c if key.guess else both)}   # (UNet, ControlNet)
+        for name, _ in model_calls(key, o.batched_cfg):
+            cu, cc = contexts[name]
+            if o.precompute:
+                kv = self.kv.compute(self.unet, cu)
+                kv.update(self.kv.compute(self.control, cc))
+                e.kv[name] = {m: (b.put(f"{name}.k{i}", k), b.put(f"{name}.v{i}", v))
+                              for i, (m, (k, v)) in enumerate(kv.items())}
+            else:
+                b.put("ctx_u_" + name, cu)
+                b.put("ctx_c_" + name, cc)
+
+    def _load_step(self, e, sched, emb_table, i):
+        b = e.bufs
+        b["sc"].copy_(sched.scalars[i])
+        if emb_table is not None:
+            b["emb"].copy_(emb_table[i])
+        else:
+            b["t"].fill_(sched.timesteps[i])
+
+    # -- decoding and the whole generation ------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, z):
+        """Latents -> images in [-1, 1], float32 [B, 3, H, W]: VAE in vae_dtype; non-finite output
+        is decoded again in fp32 (with a warning)."""
+        o = self.options
+        zs = (1.0 / self.model.scale_factor) * z
+        with self._on_device(), _cudnn_benchmark(o.cudnn_benchmark):
+            x = self.vae.decode(zs.to(o.vae_dtype)).float()
+            if o.nan_check and not bool(torch.isfinite(x).all()):
+                x = fallback.decode_in_fp32(self.nets, z, o.vae_dtype)
+        return x
+
+    @staticmethod
+    def to_uint8(x):
+        """[B, 3, H, W] in [-1, 1] -> list of HxWx3 uint8 (clip, then truncate, as upstream)."""
+        y = (x.permute(0, 2, 3, 1) * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)
+        return list(y.cpu().numpy())
+
+    @torch.no_grad()
+    def generate(self, detected_map, prompt, n_prompt, num_samples, ddim_steps, guess_mode,
+                 strength, scale, seed, eta, callback=None):
+        """detected_map (HxWx3 uint8 edge map, already through HWC3), prompt (already joined with
+        a_prompt) -> a list of num_samples uint8 images."""
+        t0 = time.perf_counter()
+        H, W = detected_map.shape[:2]
+        B = int(num_samples)
+        hint = torch.from_numpy(detected_map.copy()).float().to(self.device) / 255.0
+        hint = hint.permute(2, 0, 1)[None]                       # one copy; rows are identical
+        seed_everything(seed)
+        # One CLIP call for both prompts (rows are independent), expanded to the batch.
+        ctx = self.model.get_learned_conditioning([prompt, n_prompt])
+        ctx_c = ctx[0:1].expand(B, -1, -1).contiguous()
+        ctx_u = ctx[1:2].expand(B, -1, -1).contiguous()
+        x_T = torch.randn((B, 4, H // 8, W // 8), device=self.device)
+        z, info = self.sample(hint, ctx_c, ctx_u, x_T, ddim_steps, guess_mode, strength, scale,
+                              eta, callback)
+        if info["nonfinite"]:
+            z = fallback.redo_in_fp32(self.nets, self.options.dtype, hint, ctx_c, ctx_u, x_T,
+                                      ddim_steps, guess_mode, strength, scale, eta)
+            info["redone_fp32"] = True
+        images = self.to_uint8(self.decode(z))
+        info["seconds"] = time.perf_counter() - t0
+        self.last_info = info
+        return images
+
+    def reference_sample(self, hint, ctx_c, ctx_u, x_T, steps, guess_mode, strength, scale, eta):
+        """The reference sampler (fp32, upstream numerics) on the model's fp32 weights, same x_T."""
+        with self.fp32() as model:
+            return fallback.reference_sample(model, hint, ctx_c, ctx_u, x_T, steps, guess_mode,
+                                             strength, scale, eta)

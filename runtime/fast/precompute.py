@@ -1,0 +1,94 @@
+"""What stays constant through one generation, computed once: the DDIM schedule's per-step values,
+the hint block's output, both time-embedding MLPs for every timestep, and the K/V of the text
+context for every cross-attention (attn2).
+
+The hint block and the time embeddings run in fp32 on small fp32 copies of just those modules
+(taken before the networks are converted: ~5 M parameters at full size, 20 MB, against the 1.2 G
+of UNet + ControlNet), then are cast to the fast dtype. The text K/V come from the fast networks'
+own to_k/to_v, in the fast dtype, and reach the attn2 modules through `CrossKV`, the `cross_kv`
+lookup of kernels.patch.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import torch
+
+from kernels._torch_sites import cross_attentions, split_kv
+from ldm.modules.diffusionmodules.util import timestep_embedding
+
+
+@dataclasses.dataclass
+class Schedule:
+    """The reference sampler's DDIM schedule, as tensors on the device."""
+
+    timesteps: list          # python ints, in sampling order (951, 901, ...)
+    scalars: torch.Tensor    # [N, 4] float32: a_t, a_prev, sigma, sqrt(1 - a_t)
+
+
+def ddim_schedule(model, steps, eta, device):
+    """The per-step values of cldm.ddim_hacked.DDIMSampler, in its float32 roundings."""
+    from cldm.ddim_hacked import DDIMSampler
+
+    s = DDIMSampler(model)
+    s.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+    ts = [int(t) for t in np.asarray(s.ddim_timesteps)]
+    n = len(ts)
+    rows = []
+    for i in range(n):
+        index = n - 1 - i
+        # torch.full with Python floats -> float32, exactly as p_sample_ddim builds them.
+        rows.append([float(s.ddim_alphas[index].item()), float(s.ddim_alphas_prev[index]),
+                     float(s.ddim_sigmas[index].item()),
+                     float(s.ddim_sqrt_one_minus_alphas[index].item())])
+    return Schedule(ts[::-1], torch.tensor(rows, dtype=torch.float32, device=device))
+
+
+class Precompute:
+    """The hint block and time embeddings in fp32 (own small copies); results in `dtype`."""
+
+    def __init__(self, model, dtype, channels_last):
+        cn, unet = model.control_model, model.model.diffusion_model
+        self.hint_block = copy.deepcopy(cn.input_hint_block).float()
+        self.time_embed_unet = copy.deepcopy(unet.time_embed).float()
+        self.time_embed_control = copy.deepcopy(cn.time_embed).float()
+        self.model_channels = unet.model_channels
+        self.dtype, self.channels_last = dtype, channels_last
+
+    def fmt(self, t):
+        if self.channels_last and t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    @torch.no_grad()
+    def guided_hint(self, hint):
+        """input_hint_block(hint) in fp32, cast to the fast dtype (and layout)."""
+        return self.fmt(self.hint_block(hint.float(), None, None).to(self.dtype))
+
+    @torch.no_grad()
+    def time_embeddings(self, timesteps, device):
+        """[N, 2, time_embed_dim] in the fast dtype: (UNet, ControlNet) time_embed of each
+        timestep, computed in fp32."""
+        t = torch.tensor(timesteps, dtype=torch.long, device=device)
+        temb = timestep_embedding(t, self.model_channels)
+        eu, ec = self.time_embed_unet(temb), self.time_embed_control(temb)
+        return torch.stack([eu, ec], dim=1).to(self.dtype)
+
+
+class CrossKV:
+    """The cached text K/V of the current model call, by attn2 module: kernels.patch's cross_kv
+    lookup. `current` is set by the step before each call (a dict of static buffers)."""
+
+    def __init__(self):
+        self.current = None
+
+    def __call__(self, module):
+        return None if self.current is None else self.current.get(module)
+
+    @staticmethod
+    @torch.no_grad()
+    def compute(net, context):
+        """{attn2 module: (K, V)} of `context` ([Bm, L, D] in the fast dtype), [Bm, heads, L, d]."""
+        return {m: split_kv(m, context) for m in cross_attentions(net)}

@@ -1,0 +1,105 @@
+"""One denoising step of fast mode: ControlNet + UNet, classifier-free guidance, the DDIM update,
+all on one graph entry's static buffers and in place, so it can be captured (no host syncs).
+
+Guidance: cond and uncond in one call of batch 2B (rows [uncond; cond]) with `batched_cfg`, or two
+calls; guess mode runs the ControlNet on the cond rows only and adds zero residuals to the uncond
+rows, which is exactly upstream's uncond call without control; guidance scale 1 runs the cond
+call alone. The guidance combine and the DDIM update run in fp32 on fp32 latents, with the
+reference's float32 per-step scalars.
+"""
+from __future__ import annotations
+
+import torch
+
+from ldm.modules.diffusionmodules.util import timestep_embedding
+from runtime.fast.split import control_forward, unet_decoder, unet_encoder
+
+
+def model_calls(key, batched_cfg):
+    """The model calls of one step: [(name, ControlNet off for this call)]."""
+    if not key.cfg:
+        return [("cond", False)]
+    if batched_cfg:
+        return [("both", False)]
+    return [("cond", False), ("uncond", key.guess)]
+
+
+def control_rows(key, batched_cfg):
+    """Rows of the ControlNet's input in the step's calls (the same in each call)."""
+    return 2 * key.batch if key.cfg and batched_cfg and not key.guess else key.batch
+
+
+class Step:
+    """`step(entry)`: one DDIM step on entry.bufs["x"] in place."""
+
+    def __init__(self, nets, precompute, cross_kv, options, device):
+        self.unet, self.control = nets.unet, nets.control
+        self.pre, self.kv, self.options = precompute, cross_kv, options
+        self.side = (torch.cuda.Stream(device=device)
+                     if options.two_streams and device.type == "cuda" else None)
+
+    def model_eps(self, e, name, control_off):
+        """One UNet(+ControlNet) call of the step; eps in the fast dtype."""
+        o, b, key = self.options, e.bufs, e.key
+        x = b["x"].to(o.dtype)
+        if name == "both":
+            x = torch.cat([x, x])
+        x = self.pre.fmt(x)
+        rows = x.shape[0]
+        if o.precompute:
+            emb_u, emb_c = b["emb"][0:1].expand(rows, -1), b["emb"][1:2]
+            ctx_u = ctx_c = None  # the attn2 modules read the cached K/V
+            self.kv.current = e.kv[name]
+        else:
+            temb = timestep_embedding(b["t"], self.unet.model_channels).to(o.dtype)
+            emb_u = self.unet.time_embed(temb).expand(rows, -1)
+            emb_c = self.control.time_embed(temb)
+            ctx_u, ctx_c = b["ctx_u_" + name], b["ctx_c_" + name]
+        # Which rows get the ControlNet: all, the cond half (guess mode, batched), or none.
+        if control_off:
+            xc = None
+        elif name == "both" and key.guess:
+            xc = x[key.batch:]
+        else:
+            xc = x
+
+        def run_control():
+            g = b["g"] if o.precompute else self.control.input_hint_block(b["hint"], None, None)
+            res = control_forward(self.control, xc, emb_c.expand(xc.shape[0], -1), ctx_c, g)
+            res = [r * b["cscales"][i] for i, r in enumerate(res)]
+            if xc.shape[0] != rows:      # guess mode: zero residuals for the uncond rows
+                res = [torch.cat([torch.zeros_like(r), r]) for r in res]
+            return res
+
+        control = None
+        if xc is not None and self.side is not None:
+            cur = torch.cuda.current_stream()
+            self.side.wait_stream(cur)
+            with torch.cuda.stream(self.side):
+                control = run_control()
+            hm, hs = unet_encoder(self.unet, x, emb_u, ctx_u)
+            cur.wait_stream(self.side)
+        else:
+            if xc is not None:
+                control = run_control()
+            hm, hs = unet_encoder(self.unet, x, emb_u, ctx_u)
+        return unet_decoder(self.unet, hm, hs, emb_u, ctx_u, control, key.only_mid)
+
+    def __call__(self, e):
+        b, key = e.bufs, e.key
+        outs = [self.model_eps(e, name, off).float()
+                for name, off in model_calls(key, self.options.batched_cfg)]
+        if not key.cfg:
+            eps = outs[0]
+        else:
+            e_u, e_c = outs[0].chunk(2) if len(outs) == 1 else outs[::-1]
+            eps = e_u + b["gscale"] * (e_c - e_u)
+        x = b["x"]
+        a_t, a_prev, sigma, s1m = (b["sc"][i].view(1, 1, 1, 1) for i in range(4))
+        pred_x0 = (x - s1m * eps) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev - sigma ** 2).sqrt() * eps
+        x_prev = a_prev.sqrt() * pred_x0 + dir_xt + sigma * b["noise"]
+        if self.options.nan_check:
+            torch.logical_or(b["bad"], ~torch.isfinite(eps).all(), out=b["bad"])
+        b["eps"].copy_(eps)
+        x.copy_(x_prev)
