@@ -37,6 +37,10 @@ from . import platform
 logger = logging.getLogger(__name__)
 
 KERNELS = ("attention", "group_norm", "layer_norm", "geglu", "silu")
+# Block-level fusions (kernels/_fused.py says what each does). DEFAULT_FUSIONS: those measured
+# faster on the H200 (benchmarks/results/fusions_h200.md); `fusions=None` means these.
+FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias")
+DEFAULT_FUSIONS = FUSIONS
 ENV_DISABLE = "CONTROLNET_KERNELS_DISABLE"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HANDLE_ATTR = "_kernels_patch_handle"  # plain attribute on the root: never in state_dict
@@ -73,14 +77,19 @@ def _identity(self, x, *args, **kwargs):
 class PatchHandle:
     """What `patch` changed: counts per kernel, and `undo()` (idempotent). A context manager."""
 
-    def __init__(self, model, strict, enabled):
+    def __init__(self, model, strict, enabled, fusions=()):
         self.model = model
         self.strict = strict
         self.enabled = enabled
+        self.fusions = tuple(fusions)
         self.active = False
         self.reason = ""
-        self.counts = {k: {"sites": 0, "calls": 0, "fallbacks": 0, "reasons": {}} for k in KERNELS}
+        self.counts = {k: {"sites": 0, "calls": 0, "fallbacks": 0, "reasons": {}}
+                       for k in KERNELS + self.fusions}
         self.counts["attention"]["sdpa"] = 0
+        if "conv1x1_bias" in self.counts:
+            self.counts["conv1x1_bias"]["unfused"] = 0  # NCHW inputs: nothing to fuse
+        self._qkv_cache = {}  # fusion "qkv": module -> (weights' key, concatenated weight)
         self._changes = []  # (module, attribute name, previous instance value or _MISSING, new)
 
     def __repr__(self):
@@ -114,6 +123,7 @@ class PatchHandle:
             else:
                 module.__dict__[name] = prev
         self._changes = []
+        self._qkv_cache.clear()
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
         self.active = False
@@ -145,29 +155,41 @@ _MISSING = object()
 def _disabled_from_env():
     raw = os.environ.get(ENV_DISABLE, "").strip().lower()
     if raw in ("1", "all", "true", "yes"):
-        return set(KERNELS)
+        return set(KERNELS) | set(FUSIONS)
     return {s.strip() for s in raw.split(",") if s.strip()}
 
 
+def _fusion_names(fusions):
+    names = DEFAULT_FUSIONS if fusions is None else tuple(fusions)
+    unknown = set(names) - set(FUSIONS)
+    if unknown:
+        raise ValueError(f"kernels.patch: unknown fusions {sorted(unknown)} (known: {FUSIONS})")
+    off = _disabled_from_env()
+    return tuple(f for f in FUSIONS if f in names and f not in off)
+
+
 def patch(model: nn.Module, *, attention=True, group_norm=True, layer_norm=True, geglu=True,
-          silu=True, strict=False) -> PatchHandle:
+          silu=True, fusions=None, strict=False) -> PatchHandle:
+    """Patch `model`'s instances; `fusions`: names from FUSIONS (None: DEFAULT_FUSIONS, (): none).
+    A fusion that needs a kernel family (conv_bias: group_norm, add_layer_norm: layer_norm) is
+    only installed with that family on."""
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None and existing.active:
         return existing  # patching twice is a no-op
     enabled = dict(attention=attention, group_norm=group_norm, layer_norm=layer_norm,
                    geglu=geglu, silu=silu)
     off = _disabled_from_env()
-    unknown = off - set(KERNELS)
+    unknown = off - set(KERNELS) - set(FUSIONS)
     if unknown:
         logger.warning("%s: unknown kernel names %s (known: %s)", ENV_DISABLE, sorted(unknown), KERNELS)
     enabled = {k: bool(v) and k not in off for k, v in enabled.items()}
-    handle = PatchHandle(model, strict, enabled)
+    handle = PatchHandle(model, strict, enabled, _fusion_names(fusions))
     usable, why = platform.kernels_usable()
     if not usable:
         handle.reason = why
         logger.info("kernels.patch: model left unpatched: %s", why)
         return handle
-    if not any(enabled.values()):
+    if not any(enabled.values()) and not handle.fusions:
         handle.reason = f"all kernels disabled ({ENV_DISABLE} or arguments)"
         return handle
     from . import _sites  # imports triton: only once we know it is there

@@ -130,6 +130,9 @@ _CUDA = {
                        num_warps=8, one_pass_warps=16),
     "layer_norm": dict(ELEMS_PER_PROGRAM=8192, num_warps=8),
     "elementwise": dict(BLOCK=2048, num_warps=8),
+    # bias + residual epilogue (kernels/residual.py): [BLOCK_P, <=64 channels] tiles of
+    # ~BLOCK elements; chosen like "elementwise", not tuned separately
+    "residual": dict(BLOCK=2048, num_warps=4),
 }
 
 # HIP: chosen for gfx1100 (RDNA3, wave32, 96 CUs, 64 KB LDS per WGP); unmeasured. RDNA has no
@@ -151,6 +154,7 @@ _HIP = {
                        num_warps=8, one_pass_warps=16),
     "layer_norm": dict(ELEMS_PER_PROGRAM=4096, num_warps=8),
     "elementwise": dict(BLOCK=2048, num_warps=8),
+    "residual": dict(BLOCK=2048, num_warps=4),  # 4 waves of 32 lanes: 16 elements a lane
 }
 
 # Interpreter: every program runs serially in numpy, so fewer, smaller programs are faster;
@@ -164,6 +168,7 @@ _INTERP = {
                        num_warps=4, one_pass_warps=4),
     "layer_norm": dict(ELEMS_PER_PROGRAM=4096, num_warps=4),
     "elementwise": dict(BLOCK=4096, num_warps=4),
+    "residual": dict(BLOCK=4096, num_warps=4),
 }
 
 
