@@ -37,6 +37,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.profile_step import family_cell, profile_step  # noqa: E402
 from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.fast import FastOptions, FastRunner  # noqa: E402
 from runtime.sample import sample_image  # noqa: E402
@@ -46,11 +47,12 @@ log = logging.getLogger("bench")
 
 ABLATION = [
     ("fp16", dict()),
-    ("+kernels", dict(kernels=True)),
+    ("+kernels", dict(kernels=True, fusions=())),
     ("+batched_cfg", dict(batched_cfg=True)),
     ("+precompute", dict(precompute=True)),
     ("+channels_last", dict(channels_last=True)),
     ("+cuda_graph", dict(cuda_graph=True, two_streams=True)),
+    ("+fusions", dict(fusions=None)),   # kernels.DEFAULT_FUSIONS (= full fast mode)
 ]
 PROMPT, A_PROMPT = "a house under the sun", "best quality, extremely detailed"
 N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
@@ -146,7 +148,7 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
     results = []
     # The eager ablation steps are host-bound (~1-2 s a run): by default only at the first batch
     # size, which keeps the whole sweep under 8 minutes on an H100.
-    full = name in ("reference", "+cuda_graph", "compile") or args.ablation_all_batches
+    full = name in ("reference", "+cuda_graph", "+fusions", "compile") or args.ablation_all_batches
     for size in args.sizes:
         # A square picture a little larger than `size`: resize_image gives exactly size x size.
         image = sample_image(size * 5 // 4, size * 5 // 4)
@@ -195,6 +197,8 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
                                                                    args.scale, args.seed)
                         fe, re_ = info["first_eps"].float(), refs[key]["eps"]
                         r["eps_rel_err"] = float((fe - re_).norm() / re_.norm())
+                    if args.profile and torch.cuda.is_available():  # one eager step, graph off
+                        r["step_profile"] = profile_step(row_runner, size, batch, args.scale)
             except Exception as e:  # one failing row must not stop the run
                 r["error"] = f"{type(e).__name__}: {e}"
                 log.error("row %s %s x%d failed:\n%s", name, size, batch, traceback.format_exc())
@@ -236,12 +240,12 @@ def markdown(env, rows):
              f"Seeded random weights ({os.path.basename(env.get('config', ''))}); end to end = process() incl. resize + Canny, CLIP, "
              "DDIM, VAE decode, uint8. eps err = relative L2 error of the first step's guided eps vs "
              "reference (fp32); PSNR vs reference mode's images (same seed).", "",
-             "| row | size | batch | e2e median ms (min–max) | loop ms | it/s | × ref | peak GiB | eps err | PSNR dB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | size | batch | e2e median ms (min–max) | loop ms | it/s | × ref | peak GiB | eps err | PSNR dB | kernels/step | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ref = {(r["size"], r["batch"]): r.get("median_ms") for r in rows if r["row"] == "reference"}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['size']} | {r['batch']} | – | – | – | – | – | – | – | {r['error'][:120]} |")
+            lines.append(f"| {r['row']} | {r['size']} | {r['batch']} | – | – | – | – | – | – | – | – | {r['error'][:120]} |")
             continue
         base = ref.get((r["size"], r["batch"]))
         speed = f"{base / r['median_ms']:.1f}×" if base else "–"
@@ -254,7 +258,14 @@ def markdown(env, rows):
         lines.append(
             f"| {r['row']} | {r['size']}² | {r['batch']} | {r['median_ms']:.1f} ({r['min_ms']:.1f}–{r['max_ms']:.1f}) | "
             f"{r['loop']['median_ms']:.1f} | {r['it_per_s']:.1f} | {speed} | {f(r.get('peak_mem_gib'), '{:.2f}')} | "
-            f"{f(r.get('eps_rel_err'), '{:.2e}')} | {f(r.get('psnr_db'), '{:.1f}')} | {'; '.join(note)} |")
+            f"{f(r.get('eps_rel_err'), '{:.2e}')} | {f(r.get('psnr_db'), '{:.1f}')} | "
+            f"{r['step_profile']['kernels'] if 'step_profile' in r else '–'} | {'; '.join(note)} |")
+    prof = [r for r in rows if "step_profile" in r]
+    if prof:
+        lines += ["", "One eager step (graph off) under torch.profiler: kernels, GPU ms (by family: "
+                  "kernels/ms)", "", "| row | size | batch | step |", "|---|---|---|---|"]
+        lines += [f"| {r['row']} | {r['size']}² | {r['batch']} | {family_cell(r['step_profile'])} |"
+                  for r in prof]
     return "\n".join(lines) + "\n"
 
 
@@ -275,6 +286,8 @@ def main():
                     help="subset of: reference " + " ".join(n for n, _ in ABLATION))
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--no-eps-error", dest="eps_error", action="store_false")
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="skip the per-row profiled eager step (kernels/step column)")
     ap.add_argument("--compile", action="store_true", help="add the torch.compile row (slow)")
     ap.add_argument("--compile-timeout", type=int, default=300)
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")

@@ -39,7 +39,10 @@ logger = logging.getLogger(__name__)
 KERNELS = ("attention", "group_norm", "layer_norm", "geglu", "silu")
 # Block-level fusions (kernels/_fused.py says what each does). DEFAULT_FUSIONS: those measured
 # faster on the H200 (benchmarks/results/fusions_h200.md); `fusions=None` means these.
-FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias")
+# "skip_cat" has no patch site: fast mode's decoder (runtime/fast.py) calls kernels.residual's
+# skip_cat through handle.run when the handle lists it.
+FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias",
+           "skip_cat")
 DEFAULT_FUSIONS = FUSIONS
 ENV_DISABLE = "CONTROLNET_KERNELS_DISABLE"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

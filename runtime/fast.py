@@ -73,6 +73,7 @@ class FastOptions:
     vae_dtype: object = None            # None: same as dtype
     kernels: bool = True                # kernels.patch on the private copies
     kernel_attention: bool = False      # the Triton attention too (default: SDPA, cuDNN/flash)
+    fusions: Optional[tuple] = None     # kernels.patch fusions; None: kernels.DEFAULT_FUSIONS
     sdpa: bool = True                   # F.scaled_dot_product_attention in every CrossAttention
     batched_cfg: bool = True
     precompute: bool = True
@@ -185,16 +186,33 @@ def unet_encoder(unet, x, emb, context):
     return unet.middle_block(h, emb, context), hs
 
 
-def unet_decoder(unet, h, hs, emb, context, control):
-    """ControlledUnetModel's second half: mid residual, then skip + residual per output block."""
+def unet_decoder(unet, h, hs, emb, context, control, scales=None, skip_cat=None):
+    """ControlledUnetModel's second half: mid residual, then skip + residual per output block.
+    With `scales` the residuals come unscaled (control[i] · scales[i] is applied here);
+    `skip_cat(h, skip, ctrl, scale)` (kernels' fusion "skip_cat") makes cat([h, skip + ctrl ·
+    scale]) in one kernel instead of mul, add and cat."""
     if control is not None:
-        h = h + control[-1]
+        mid = control[-1] if scales is None else control[-1] * scales[len(control) - 1]
+        h = h + mid
     for j, block in enumerate(unet.output_blocks):
         skip = hs[-1 - j]
+        i = len(unet.output_blocks) - 1 - j  # index of this skip's residual
+        if skip_cat is not None:
+            ctrl = None if control is None else control[i]
+            sc = None if (control is None or scales is None) else scales[i:i + 1]
+            h = block(skip_cat(h, skip, ctrl, sc), emb, context)
+            continue
         if control is not None:
-            skip = skip + control[-2 - j]
+            skip = skip + (control[i] if scales is None else control[i] * scales[i])
         h = block(torch.cat([h, skip], dim=1), emb, context)
     return unet.out(h)
+
+
+def _cat(h, skip, ctrl, scale):
+    """The unfused skip_cat (fallback): cat([h, skip + ctrl · scale], dim=1)."""
+    if ctrl is not None:
+        skip = skip + (ctrl if scale is None else ctrl * scale)
+    return torch.cat([h, skip], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,7 +314,8 @@ class FastRunner:
             return
         holder = nn.ModuleDict({"unet": self.unet, "control": self.control, "vae": self.vae})
         try:
-            self.kernel_handle = patch(holder, attention=self.options.kernel_attention)
+            self.kernel_handle = patch(holder, attention=self.options.kernel_attention,
+                                       fusions=self.options.fusions)
         except Exception as e:  # a kernel problem must never stop generation
             logger.warning("fast mode: kernels.patch failed (%s: %s); using PyTorch ops",
                            type(e).__name__, e)
@@ -458,9 +477,12 @@ class FastRunner:
             if g.shape[0] != 1 and g.shape[0] != xc.shape[0]:
                 g = torch.cat([g] * (xc.shape[0] // g.shape[0]))
 
+        fused_cat = self._skip_cat()
+
         def run_control():
             res = control_forward(self.control, xc, emb_c, ctx_c, g)
-            res = [r * b["cscales"][i] for i, r in enumerate(res)]
+            if fused_cat is None:  # else the decoder's skip_cat kernel applies the scales
+                res = [r * b["cscales"][i] for i, r in enumerate(res)]
             if xc is not None and xc.shape[0] != rows:      # guess mode: zero uncond residuals
                 res = [torch.cat([torch.zeros_like(r), r]) for r in res]
             return res
@@ -476,7 +498,16 @@ class FastRunner:
         else:
             control = run_control() if xc is not None else None
             hm, hs = unet_encoder(self.unet, x, emb_u, ctx_u)
-        return unet_decoder(self.unet, hm, hs, emb_u, ctx_u, control)
+        return unet_decoder(self.unet, hm, hs, emb_u, ctx_u, control,
+                            scales=None if fused_cat is None else b["cscales"], skip_cat=fused_cat)
+
+    def _skip_cat(self):
+        """kernels' skip_cat when the kernel handle has that fusion, else None."""
+        h = self.kernel_handle
+        if not (self.kernels_active and "skip_cat" in getattr(h, "fusions", ())):
+            return None
+        from kernels.residual import skip_cat
+        return lambda *a: h.run("skip_cat", None, lambda: skip_cat(*a), lambda: _cat(*a))
 
     def _step(self, e):
         """One DDIM step on e.bufs["x"] in place (graph-capturable: no host syncs)."""

@@ -16,7 +16,7 @@ import kernels
 from kernels import platform
 from kernels.group_norm import group_norm
 from kernels.layer_norm import layer_norm
-from kernels.residual import bias_residual
+from kernels.residual import bias_residual, skip_cat
 from tolerances import assert_close, ref_group_norm
 
 DEV = "cpu" if platform.is_interpreter() else "cuda"
@@ -55,6 +55,40 @@ def test_bias_residual_rounds_like_the_unfused_fp16_path():
     b, b2 = _rand(320, dtype=torch.float16, seed=6), _rand(320, dtype=torch.float16, seed=7)
     want = (h + b[:, None, None]) + (r + b2[:, None, None])
     assert torch.equal(bias_residual(h, b, r, b2), want)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("with_ctrl,with_scale", [(False, False), (True, False), (True, True)])
+def test_skip_cat(layout, with_ctrl, with_scale):
+    h, skip, ctrl = _rand(2, 8, 3, 5, seed=30), _rand(2, 12, 3, 5, seed=31), _rand(2, 12, 3, 5, seed=32)
+    if layout == "nhwc":
+        h, skip, ctrl = (t.contiguous(memory_format=torch.channels_last) for t in (h, skip, ctrl))
+    scale = torch.tensor([0.7], device=DEV)
+    out = skip_cat(h, skip, ctrl if with_ctrl else None, scale if with_scale else None)
+    s = skip.double() + (ctrl.double() * (0.7 if with_scale else 1.0) if with_ctrl else 0)
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "nhwc")
+    assert_close(out, torch.cat([h.double(), s], 1), torch.float32)
+
+
+def test_fast_decoder_skip_cat_matches_unfused():
+    """fast mode's decoder with the skip_cat kernel (unscaled residuals + scales) vs eager."""
+    from runtime.fast import unet_decoder, unet_encoder
+    from cldm.model import create_model
+    from runtime.weights import random_weights_
+    import os
+    m = create_model(os.path.join(os.path.dirname(__file__), "..", "..", "models", "cldm_tiny.yaml"))
+    random_weights_(m, 0)
+    unet = m.model.diffusion_model.eval().to(DEV)
+    emb = _rand(2, unet.time_embed[-1].out_features, seed=33)
+    ctx = _rand(2, 5, unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k.in_features, seed=34)
+    with torch.no_grad():
+        mid, hs = unet_encoder(unet, _rand(2, 4, 8, 8, seed=35), emb, ctx)
+    ctrl = [_rand(*t.shape, seed=60 + i) for i, t in enumerate(hs + [mid])]
+    scales = torch.linspace(0.5, 1.0, 13, device=DEV)
+    with torch.no_grad():
+        want = unet_decoder(unet, mid, hs, emb, ctx, [c * scales[i] for i, c in enumerate(ctrl)])
+        got = unet_decoder(unet, mid, hs, emb, ctx, ctrl, scales=scales, skip_cat=skip_cat)
+    assert_close(got, want, torch.float32, scale=5.0)
 
 
 def test_group_norm_add_c():
