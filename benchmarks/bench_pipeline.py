@@ -3,12 +3,15 @@
 Every row times process() end to end (resize + Canny, CLIP, 20 DDIM steps, VAE decode, uint8) and
 the denoising loop alone, median/min/max over --repeats runs after --warmup, peak GPU memory
 (max_memory_allocated, reset per row), and the difference from reference mode: the relative error
-of the first step's guided eps and the PSNR of the decoded images (same seed, same x_T).
+of the first step's guided eps and the PSNR of the decoded images (same seed, same x_T), and
+kernels/step: one eager step of the row's options (graph off) under torch.profiler, with its GPU
+time by kernel family (benchmarks/profile_step.py; --no-profile skips it).
 
 Rows:
   reference            upstream-equivalent fp32 (Canny2Image mode="reference")
   fp16                 FastOptions.plain(): model in fp16 + SDPA attention, eager, two CFG calls
-  +kernels, +batched_cfg, +precompute, +channels_last, +cuda_graph (= full fast mode, two streams)
+  +kernels (per-op Triton kernels, no fusions), +batched_cfg, +precompute, +channels_last,
+  +cuda_graph (two streams), +fusions (kernels.DEFAULT_FUSIONS: = full fast mode)
   compile              (--compile) torch.compile of the fast eager step, in a subprocess with a
                        time limit: "did not compile within N s" is recorded if it runs over
 

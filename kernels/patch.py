@@ -16,6 +16,11 @@ Sites (module classes of the port): CrossAttention, CLIPAttention (causal), VAE 
 nn.GroupNorm (GroupNorm32: eps 1e-5; plain: eps 1e-6 — the module's own eps is used), ResBlock
 (fused emb add + GN + SiLU), VAE ResnetBlock (GN + swish fused), standalone nn.SiLU.
 
+Fusions (`fusions=`, names in FUSIONS; kernels/_fused.py): block forwards that run convolutions
+without their bias and fold it, the residual adds and layout changes into the kernels around them
+(ResBlock, SpatialTransformer, BasicTransformerBlock, self-attention's q/k/v, 1x1 convolutions).
+They are installed before the per-op sites and count under their own names in `counts`.
+
 Every patched forward checks device, dtype, layout and autograd, and falls back to the original
 forward when the kernel cannot run, counting the reason; `strict=True` raises instead (the tests
 use it so nothing passes on a fallback). CONTROLNET_KERNELS_DISABLE="attention,group_norm"

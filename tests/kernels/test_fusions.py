@@ -189,9 +189,11 @@ def test_spatial_transformer(cl, use_linear):
     assert_close(got, want, torch.float32, scale=5.0)
 
 
-@pytest.mark.parametrize("fusion", ["qkv", "add_layer_norm"])
-def test_transformer_block_fusions(fusion):
+@pytest.mark.parametrize("fusion,attn_kernel", [("qkv", True), ("qkv", False),
+                                               ("add_layer_norm", True)])
+def test_transformer_block_fusions(fusion, attn_kernel, monkeypatch):
     from ldm.modules.attention import BasicTransformerBlock
+    monkeypatch.setitem(OTHERS, "attention", attn_kernel)  # False: qkv's SDPA path
     got, want, c = _fused_vs_reference(lambda: BasicTransformerBlock(32, 2, 16, context_dim=24),
                                        [_rand(2, 9, 32, seed=24), _rand(2, 5, 24, seed=25)],
                                        fusion, cl=False, ref_dtype=torch.float32)
@@ -258,10 +260,10 @@ def _fast_copy(m, dtype):
 
 
 def _gpu_check(make, inputs, fusion):
-    m = _randomize(make()).cuda()
+    m = _randomize(make()).to(DEV)
     with torch.no_grad():
-        want = m(*[a.cuda() for a in inputs])
-        args = [a.cuda().half() for a in inputs]
+        want = m(*[a.to(DEV) for a in inputs])
+        args = [a.to(DEV).half() for a in inputs]
         args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
         outs = []
         for fu in ((), (fusion,)):
