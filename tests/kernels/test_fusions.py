@@ -291,3 +291,27 @@ def test_gpu_resblock(ch, hw):
 def test_gpu_spatial_transformer(fusion, ch, hw):
     _gpu_check(lambda: _spatial_transformer(ch, 8), [torch.randn(2, ch, hw, hw), torch.randn(2, 77, 24)],
                fusion)
+
+
+# -- fast mode on the tiny model: every fusion runs, nothing falls back, same eps as unfused -------
+def test_fast_mode_tiny_fusions_match_unfused():
+    if DEV != "cpu":
+        pytest.skip("the interpreter run; on a GPU benchmarks/ab_fusions.py compares fp16 A/B")
+    from types import SimpleNamespace
+    from benchmarks.profile_step import _inputs
+    from runtime.fast import FastOptions, FastRunner
+    from runtime.weights import build_model
+    import os
+    model = build_model(os.path.join(os.path.dirname(__file__), "..", "..", "models", "cldm_tiny.yaml"),
+                        random_weights=True, device="cpu", seed=0)
+    inp = _inputs(SimpleNamespace(device=torch.device("cpu"), unet=model.model.diffusion_model), 64, 1)
+    eps = {}
+    for fu in ((), None):
+        r = FastRunner(model, FastOptions(dtype=torch.float32, channels_last=True, cuda_graph=False,
+                                          two_streams=False, fusions=fu))
+        _, info = r.sample(*inp, 1, scale=9.0)
+        eps[fu] = info["first_eps"]
+        c = r.kernel_handle.counts
+    for f in kernels.DEFAULT_FUSIONS:
+        assert c[f]["calls"] > 0 and c[f]["fallbacks"] == 0, (f, c[f])
+    assert_close(eps[None], eps[()], torch.float32, scale=5.0)
