@@ -3,22 +3,19 @@
 Every row times process() end to end (resize + Canny, CLIP, 20 DDIM steps, VAE decode, uint8) and
 the denoising loop alone, median/min/max over --repeats runs after --warmup, peak GPU memory
 (max_memory_allocated, reset per row), and the difference from reference mode: the relative error
-of the first step's guided eps and the PSNR of the decoded images (same seed, same x_T).
+of the first step's guided eps and the PSNR of the decoded images (same seed, same x_T), and
+kernels/step: one eager step of the row's options (graph off) under torch.profiler, with its GPU
+time by kernel family (benchmarks/profile_step.py; --no-profile skips it).
 
 Rows:
   reference            upstream-equivalent fp32 (Canny2Image mode="reference")
   fp16                 FastOptions.plain(): model in fp16 + SDPA attention, eager, two CFG calls
-  +kernels, +batched_cfg, +precompute, +channels_last, +cuda_graph (= full fast mode, two streams)
+  +kernels (per-op Triton kernels, no fusions), +batched_cfg, +precompute, +channels_last,
+  +cuda_graph (two streams), +fusions (kernels.DEFAULT_FUSIONS: = full fast mode)
   compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
                        in a subprocess with a time limit: "did not compile within N s" is
                        recorded if it runs over
 Every fast row is Canny2Image(model, mode="fast", options=FastOptions(...)) and nothing else.
-
-Kernels per step: for every fast row (at the first size and batch; --no-kernel-profile to skip),
-the same options with the graph off run under torch.profiler at --steps and at half as many
-steps; the difference divided by the difference in steps is the number of GPU kernels and the GPU
-time of one denoising step, by kernel family (the fixed costs, CLIP, precompute and the VAE,
-cancel out).
 
 Weights are seeded random at full SD1.5+ControlNet size (timings do not depend on their values).
 A failing row records its error and the run goes on. Output under --out: bench_<tag>.json, a
@@ -28,13 +25,11 @@ markdown table bench_<tag>.md and (if matplotlib is importable) PNG plots via be
   python benchmarks/bench_pipeline.py --sizes 512 --batches 1 --repeats 5
 """
 import argparse
-import collections
 import contextlib
 import dataclasses
 import json
 import logging
 import math
-import re
 import os
 import platform
 import shlex
@@ -49,6 +44,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.profile_step import family_cell, profile_step  # noqa: E402
 from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.fast import FastOptions, owner  # noqa: E402
 from runtime.sample import sample_image  # noqa: E402
@@ -58,11 +54,12 @@ log = logging.getLogger("bench")
 
 ABLATION = [
     ("fp16", dict()),
-    ("+kernels", dict(kernels=True)),
+    ("+kernels", dict(kernels=True, fusions=())),
     ("+batched_cfg", dict(batched_cfg=True)),
     ("+precompute", dict(precompute=True)),
     ("+channels_last", dict(channels_last=True)),
     ("+cuda_graph", dict(cuda_graph=True, two_streams=True)),
+    ("+fusions", dict(fusions=None)),   # kernels.DEFAULT_FUSIONS (= full fast mode)
 ]
 PROMPT, A_PROMPT = "a house under the sun", "best quality, extremely detailed"
 N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
@@ -159,7 +156,7 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
     results = []
     # The eager ablation steps are host-bound (~1-2 s a run): by default only at the first batch
     # size, which keeps the whole sweep under 8 minutes on an H100.
-    full = name in ("reference", "+cuda_graph", "compile") or args.ablation_all_batches
+    full = name in ("reference", "+cuda_graph", "+fusions", "compile") or args.ablation_all_batches
     for size in args.sizes:
         # A square picture a little larger than `size`: resize_image gives exactly size x size.
         image = sample_image(size * 5 // 4, size * 5 // 4)
@@ -208,6 +205,8 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
                                                                    args.scale, args.seed)
                         fe, re_ = info["first_eps"].float(), refs[key]["eps"]
                         r["eps_rel_err"] = float((fe - re_).norm() / re_.norm())
+                    if args.profile and torch.cuda.is_available():  # one eager step, graph off
+                        r["step_profile"] = profile_step(row_runner, size, batch, args.scale)
             except Exception as e:  # one failing row must not stop the run
                 r["error"] = f"{type(e).__name__}: {e}"
                 log.error("row %s %s x%d failed:\n%s", name, size, batch, traceback.format_exc())
@@ -219,62 +218,6 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
             log.info("%s", {k: v for k, v in r.items() if k != "loop"})
             results.append(r)
     return results
-
-
-# Kernel families by kernel name, first match wins (cuDNN / cuBLAS / PyTorch / our Triton names).
-FAMILIES = [
-    ("attention", r"fmha|flash|sdpa|attention|_attn_"),
-    ("convolution", r"conv|fprop|dgrad|implicit_gemm|winograd"),
-    ("linear (GEMM)", r"gemm|cutlass|cublas|xmma|matmul|nvjet"),
-    ("GroupNorm (Triton)", r"group_norm|_gn_"),
-    ("GEGLU, LayerNorm, SiLU (Triton)", r"geglu|layer_norm|_act_|silu"),
-    ("copies / cat / layout", r"copy|cat|memcpy|memset|transpose|permute"),
-    ("elementwise / reductions", r"elementwise|vectorized|reduce|unrolled"),
-]
-
-
-def family(name):
-    low = name.lower()
-    return next((f for f, pat in FAMILIES if re.search(pat, low)), "other")
-
-
-def kernel_profile(model, opts, args, size, batch):
-    """{"kernels_per_step", "gpu_ms_per_step", "by_family": {family: [kernels, ms]}} of one
-    denoising step of `opts` (graph off), from two profiled runs that differ only in steps."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    pipe = Canny2Image(model, mode="fast", options=dataclasses.replace(opts, cuda_graph=False))
-    image = sample_image(size * 5 // 4, size * 5 // 4)
-    per, others = {}, collections.Counter()
-    try:
-        for steps in (args.steps, args.steps // 2):
-            call = (image, PROMPT, A_PROMPT, N_PROMPT, batch, size, steps, False, 1.0, args.scale,
-                    args.seed, 0.0, 100, 200)
-            pipe.process(*call)  # warm-up: cudnn autotune, Triton compile
-            sync()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                pipe.process(*call)
-                sync()
-            fams = collections.defaultdict(lambda: [0, 0.0])
-            for ev in prof.events():
-                if ev.device_type == DeviceType.CUDA:
-                    f = fams[family(ev.name)]
-                    f[0] += 1
-                    f[1] += ev.device_time / 1e3
-                    if family(ev.name) == "other":
-                        others[ev.name[:80]] += 1
-            per[steps] = fams
-    finally:
-        pipe.close()
-    n = args.steps - args.steps // 2
-    big, small = per[args.steps], per[args.steps // 2]
-    by = {f: [round((big[f][0] - small[f][0]) / n, 1), round((big[f][1] - small[f][1]) / n, 3)]
-          for f in set(big) | set(small)}
-    by = dict(sorted(by.items(), key=lambda kv: -kv[1][1]))
-    return {"kernels_per_step": round(sum(v[0] for v in by.values()), 1),
-            "gpu_ms_per_step": round(sum(v[1] for v in by.values()), 3), "by_family": by,
-            "other_kernels": others.most_common(8)}  # names the families above do not match
 
 
 def compile_row(args):
@@ -318,15 +261,13 @@ def markdown(env, rows):
             f"| {r['row']} | {r['size']}² | {r['batch']} | {r['median_ms']:.1f} ({r['min_ms']:.1f}–{r['max_ms']:.1f}) | "
             f"{r['loop']['median_ms']:.1f} | {r['it_per_s']:.1f} | {speed} | {f(r.get('peak_mem_gib'), '{:.2f}')} | "
             f"{f(r.get('eps_rel_err'), '{:.2e}')} | {f(r.get('psnr_db'), '{:.1f}')} | "
-            f"{f((r.get('kernel_profile') or {}).get('kernels_per_step'), '{:.0f}')} | {'; '.join(note)} |")
-    profiled = [r for r in rows if r.get("kernel_profile")]
-    if profiled:
-        lines += ["", "GPU time of one denoising step by kernel family (profiled eager run of the "
-                  "row's options, graph off): ms (kernels)", "",
-                  "| row | size | batch | family | ms / step | kernels / step |", "|---|---|---|---|---|---|"]
-        for r in profiled:
-            for fam, (k, ms) in r["kernel_profile"]["by_family"].items():
-                lines.append(f"| {r['row']} | {r['size']}² | {r['batch']} | {fam} | {ms:.2f} | {k:.0f} |")
+            f"{r['step_profile']['kernels'] if 'step_profile' in r else '–'} | {'; '.join(note)} |")
+    prof = [r for r in rows if "step_profile" in r]
+    if prof:
+        lines += ["", "One eager step (graph off) under torch.profiler: kernels, GPU ms (by family: "
+                  "kernels/ms)", "", "| row | size | batch | step |", "|---|---|---|---|"]
+        lines += [f"| {r['row']} | {r['size']}² | {r['batch']} | {family_cell(r['step_profile'])} |"
+                  for r in prof]
     return "\n".join(lines) + "\n"
 
 
@@ -347,8 +288,8 @@ def main():
                     help="subset of: reference " + " ".join(n for n, _ in ABLATION))
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--no-eps-error", dest="eps_error", action="store_false")
-    ap.add_argument("--no-kernel-profile", dest="kernel_profile", action="store_false",
-                    help="skip the profiled eager runs behind the kernels-per-step column")
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="skip the per-row profiled eager step (kernels/step column)")
     ap.add_argument("--compile", action="store_true", help="add the torch.compile row (slow)")
     ap.add_argument("--compile-timeout", type=int, default=300)
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
@@ -396,13 +337,6 @@ def main():
                     pipe.close()  # frees its graphs and gives the model back as it was
                 del pipe
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                if args.kernel_profile and torch.cuda.is_available() and "error" not in new[0]:
-                    try:
-                        new[0]["kernel_profile"] = kernel_profile(model, opts, args, new[0]["size"],
-                                                                  new[0]["batch"])
-                    except Exception as e:  # the profile is extra: never lose the row over it
-                        new[0]["kernel_profile_error"] = f"{type(e).__name__}: {e}"
-                        log.error("kernel profile of %s failed:\n%s", name, traceback.format_exc())
                 rows += new
         except Exception as e:
             rows.append({"row": name, "size": None, "batch": None, "error": f"{type(e).__name__}: {e}"})

@@ -4,6 +4,6 @@ Importing this package does not import Triton: `patch` checks for it and leaves 
 is where the kernels cannot run.
 """
 
-from .patch import FUSIONS, KernelFallback, PatchHandle, patch, patched
+from .patch import DEFAULT_FUSIONS, FUSIONS, KernelFallback, PatchHandle, patch, patched
 
-__all__ = ["patch", "patched", "PatchHandle", "KernelFallback", "FUSIONS"]
+__all__ = ["patch", "patched", "PatchHandle", "KernelFallback", "FUSIONS", "DEFAULT_FUSIONS"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import _fused
 from .activations import activation
 from .attention import MAX_KERNEL_HEAD_DIM, attention
 from .geglu import geglu
@@ -209,6 +210,12 @@ def _patch_activation(handle, m, mode, compute_input=None):
     handle._set(m, "forward", forward, "silu")
 
 
+def _is_self_attention(m, mods):
+    """attn1 of a BasicTransformerBlock that attends to its own input (not disable_self_attn)."""
+    return any(getattr(b, "attn1", None) is m and not getattr(b, "disable_self_attn", False)
+               for b in mods if _name(b) == "BasicTransformerBlock")
+
+
 def install(handle, model):
     en = handle.enabled
     mods = list(model.modules())
@@ -217,9 +224,24 @@ def install(handle, model):
     def fresh(m):
         return id(m) not in done and "forward" not in m.__dict__
 
+    fu = handle.fusions
+    for m in mods:  # block-level fusions first: their forwards replace the per-op sites
+        if "spatial_transformer" in fu and _fused.spatial_transformer_ok(m) and fresh(m):
+            _fused.patch_spatial_transformer(handle, m)
+        elif "add_layer_norm" in fu and en["layer_norm"] and _fused.transformer_block_ok(m) \
+                and "_forward" not in m.__dict__:
+            _fused.patch_transformer_block(handle, m)
+        elif "qkv" in fu and _fused.qkv_ok(m) and _is_self_attention(m, mods) and fresh(m):
+            _fused.patch_qkv(handle, m, use_kernel=en["attention"])
+            done.add(id(m))
+        elif "conv1x1_bias" in fu and _fused.conv1x1_ok(m) and fresh(m):
+            _fused.patch_conv1x1(handle, m)
+            done.add(id(m))
     if en["group_norm"]:
         for m in mods:
-            if _resblock_ok(m) and "_forward" not in m.__dict__:
+            if "conv_bias" in fu and _fused.resblock_ok(m) and "_forward" not in m.__dict__:
+                _fused.patch_resblock(handle, m)
+            elif _resblock_ok(m) and "_forward" not in m.__dict__:
                 _patch_resblock(handle, m)
             elif _name(m) == "ResnetBlock" and isinstance(getattr(m, "norm1", None), nn.GroupNorm) \
                     and fresh(m):

@@ -46,13 +46,15 @@ from . import platform
 def _gn_one_pass_kernel(
     X,     # [B, C, *spatial] NCHW-contiguous or [B, C, H, W] channels_last
     ADD,   # [B, C] (strided) pre-norm addend, or a dummy when not HAS_ADD
+    ADD_C,  # [C] pre-norm per-channel addend (a convolution's bias), or a dummy
     W,     # [C] weight, or dummy
     Bias,  # [C] bias, or dummy
     Y,     # same shape and strides as X
     stride_xb, stride_ab, stride_ac,
     C, CG, HW, G, eps,
     BLOCK: tl.constexpr,  # next power of two >= CG*HW: the whole group in registers
-    CHANNELS_LAST: tl.constexpr, HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, HAS_ADD: tl.constexpr, HAS_ADD_C: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
     SILU: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -68,6 +70,10 @@ def _gn_one_pass_kernel(
         c = g * CG + e // HW
         off = g * CG * HW + e  # the whole group is contiguous
     x = tl.load(X + b.to(tl.int64) * stride_xb + off, mask=mask, other=0.0)
+    if HAS_ADD_C:
+        # the convolution's bias, rounded as PyTorch's separate bias pass rounds it
+        x = (x.to(tl.float32) + tl.load(ADD_C + c, mask=mask, other=0.0).to(tl.float32)
+             ).to(X.dtype.element_ty)
     if HAS_ADD:
         a = tl.load(ADD + b * stride_ab + c * stride_ac, mask=mask, other=0.0)
         # upstream's h + emb_out is a tensor in h's dtype: round the sum before the statistics
@@ -91,11 +97,13 @@ def _gn_one_pass_kernel(
 def _gn_stats_kernel(
     X,     # [B, C, *spatial] as in _gn_one_pass_kernel
     ADD,   # [B, C] or dummy
+    ADD_C,  # [C] or dummy
     MEAN,  # [B*G, S] fp32 out: mean of each split
     M2,    # [B*G, S] fp32 out: sum of squared deviations of each split
     stride_xb, stride_ab, stride_ac,
     C, CG, HW, G, S, CHUNK,
     BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, HAS_ADD: tl.constexpr,
+    HAS_ADD_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     s = tl.program_id(1)
@@ -117,6 +125,10 @@ def _gn_stats_kernel(
             c = g * CG + e // HW
             off = g * CG * HW + e  # the whole group is contiguous
         x = tl.load(X + b.to(tl.int64) * stride_xb + off, mask=mask, other=0.0)
+        if HAS_ADD_C:
+            # the convolution's bias, rounded as PyTorch's separate bias pass rounds it
+            x = (x.to(tl.float32) + tl.load(ADD_C + c, mask=mask, other=0.0).to(tl.float32)
+                 ).to(X.dtype.element_ty)
         if HAS_ADD:
             a = tl.load(ADD + b * stride_ab + c * stride_ac, mask=mask, other=0.0)
             # upstream's h + emb_out is a tensor in h's dtype: round the sum before the statistics
@@ -139,6 +151,7 @@ def _gn_stats_kernel(
 def _gn_apply_kernel(
     X,     # [B, C, *spatial]
     ADD,   # [B, C] or dummy
+    ADD_C,  # [C] or dummy
     MEAN,  # [B*G, S] fp32 split means from _gn_stats_kernel
     M2,    # [B*G, S] fp32 split M2s
     W,     # [C] or dummy
@@ -147,7 +160,8 @@ def _gn_apply_kernel(
     stride_xb, stride_ab, stride_ac,
     C, CG, HW, G, S, CHUNK, eps,
     BLOCK: tl.constexpr, S_P2: tl.constexpr,  # S_P2: next power of two >= S
-    CHANNELS_LAST: tl.constexpr, HAS_ADD: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, HAS_ADD: tl.constexpr, HAS_ADD_C: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
     SILU: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -181,6 +195,10 @@ def _gn_apply_kernel(
             c = g * CG + e // HW
             off = g * CG * HW + e  # the whole group is contiguous
         x = tl.load(X + b.to(tl.int64) * stride_xb + off, mask=mask, other=0.0)
+        if HAS_ADD_C:
+            # the convolution's bias, rounded as PyTorch's separate bias pass rounds it
+            x = (x.to(tl.float32) + tl.load(ADD_C + c, mask=mask, other=0.0).to(tl.float32)
+                 ).to(X.dtype.element_ty)
         if HAS_ADD:
             a = tl.load(ADD + b * stride_ab + c * stride_ac, mask=mask, other=0.0)
             # upstream's h + emb_out is a tensor in h's dtype: round the sum before the statistics
@@ -199,9 +217,11 @@ def _gn_apply_kernel(
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
                bias: torch.Tensor | None, eps: float, *, silu: bool = False,
-               add: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """GroupNorm(x [+ add[:, :, None, None]]) [→ SiLU] for x [B, C, *spatial]; add is [B, C]
-    (or [B, C, 1, 1]). x must be contiguous or 4-D channels_last; out gets x's strides."""
+               add: torch.Tensor | None = None, add_c: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm(x [+ add_c[c]] [+ add[:, :, None, None]]) [→ SiLU] for x [B, C, *spatial];
+    add is [B, C] (or [B, C, 1, 1]), add_c is [C] (a bias of the convolution that made x, added
+    and rounded first). x must be contiguous or 4-D channels_last; out gets x's strides."""
     B, C = x.shape[0], x.shape[1]
     G = int(num_groups)
     if x.dim() < 3 or C % G:
@@ -232,14 +252,18 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
     if has_affine and bias is None:
         bb = torch.zeros_like(weight)
     cfg = platform.config("group_norm")
-    flags = dict(CHANNELS_LAST=channels_last, HAS_ADD=add is not None)
+    if add_c is not None and (add_c.dim() != 1 or add_c.shape[0] != C):
+        raise ValueError("group_norm: add_c must be [C]")
+    flags = dict(CHANNELS_LAST=channels_last, HAS_ADD=add is not None, HAS_ADD_C=add_c is not None)
+    args_add_c = add_c if add_c is not None else dummy
 
     if n <= cfg["ONE_PASS_MAX"]:
         block = max(16, triton.next_power_of_2(n))
         opts = platform.launch_options(dict(
             num_warps=max(1, min(cfg["one_pass_warps"], block // 512))))
         _gn_one_pass_kernel[(B * G,)](
-            x, args_add, w, bb, out, x.stride(0), stride_ab, stride_ac, C, CG, HW, G, float(eps),
+            x, args_add, args_add_c, w, bb, out, x.stride(0), stride_ab, stride_ac, C, CG, HW, G,
+            float(eps),
             BLOCK=block, HAS_AFFINE=has_affine, SILU=silu, **flags, **opts)
         return out
 
@@ -253,10 +277,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
     opts = platform.launch_options(cfg)
     grid = (B * G, splits)
     _gn_stats_kernel[grid](
-        x, args_add, mean_ws, m2_ws, x.stride(0), stride_ab, stride_ac,
+        x, args_add, args_add_c, mean_ws, m2_ws, x.stride(0), stride_ab, stride_ac,
         C, CG, HW, G, splits, chunk, BLOCK=block, **flags, **opts)
     _gn_apply_kernel[grid](
-        x, args_add, mean_ws, m2_ws, w, bb, out, x.stride(0), stride_ab, stride_ac,
+        x, args_add, args_add_c, mean_ws, m2_ws, w, bb, out, x.stride(0), stride_ab, stride_ac,
         C, CG, HW, G, splits, chunk, float(eps),
         BLOCK=block, S_P2=max(2, triton.next_power_of_2(splits)),
         HAS_AFFINE=has_affine, SILU=silu, **flags, **opts)

@@ -7,6 +7,11 @@ rounded once to the input dtype, which is what PyTorch's own LayerNorm does for 
 Each program normalises ROWS rows at once (a [ROWS, BLOCK_N] tile of ~ELEMS_PER_PROGRAM elements)
 so short rows (320) still give every warp enough bytes in flight.
 Rows must be contiguous in the last dimension; the row stride is free (Triton specialises 1).
+
+With `residual=r` it is the transformer block's `s = x + r; norm(s)` in one pass (fusion
+"add_layer_norm"): s is rounded to the I/O dtype (the eager add materialises it), written out
+(the residual stream goes on) and normalised; one read of x and r, two writes, instead of an add
+kernel (read 2, write 1) and a LayerNorm kernel (read 1, write 1).
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ MAX_N = 16384  # one row in registers; larger rows (none in this model) are refu
 @triton.jit
 def _layer_norm_fwd_kernel(
     X,     # [M, N], last dim contiguous
+    R,     # [M, N] residual added to X first, or dummy (HAS_R)
+    S,     # [M, N] contiguous out: X + R (the residual stream), or dummy
     W,     # [N] or dummy
     Bias,  # [N] or dummy
     Y,     # [M, N] contiguous
-    stride_xm, stride_ym,
+    stride_xm, stride_ym, stride_rm, stride_sm,
     M, N, eps,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
@@ -37,6 +44,11 @@ def _layer_norm_fwd_kernel(
     mask = (rows < M)[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_R:
+        r = tl.load(R + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+        sm = (x + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + rows64[:, None] * stride_sm + cols[None, :], sm, mask=mask)
+        x = sm.to(tl.float32)
     mean = tl.sum(x, 1) / N
     d = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / N + eps)
@@ -49,8 +61,10 @@ def _layer_norm_fwd_kernel(
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """LayerNorm of x [..., N] over N; out (optional) is a contiguous [..., N] buffer."""
+               eps: float, *, out: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None):
+    """LayerNorm of x [..., N] over N; out (optional) is a contiguous [..., N] buffer.
+    With residual (x's shape): returns (x + residual, LayerNorm(x + residual))."""
     N = x.shape[-1]
     if N > MAX_N or x.stride(-1) != 1:
         raise ValueError(f"layer_norm: needs a contiguous last dim <= {MAX_N}")
@@ -59,13 +73,22 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y2 = out.view(-1, N)
+    if residual is not None:
+        if residual.shape != x.shape or residual.stride(-1) != 1:
+            raise ValueError("layer_norm: residual must have x's shape, last dim contiguous")
+        r2 = residual.reshape(-1, N)
+        s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        s2 = s.view(-1, N)
+    else:
+        r2 = s2 = x2
     cfg = platform.config("layer_norm")
     block_n = triton.next_power_of_2(N)
     rows = max(1, min(64, cfg["ELEMS_PER_PROGRAM"] // block_n))
     opts = platform.launch_options(dict(cfg, num_warps=min(cfg["num_warps"],
                                                            max(1, rows * block_n // 256))))
     _layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
-        x2, weight if weight is not None else x2, bias if bias is not None else x2, y2,
-        x2.stride(0), y2.stride(0), M, N, float(eps),
-        BLOCK_N=block_n, ROWS=rows, HAS_W=weight is not None, HAS_B=bias is not None, **opts)
-    return out
+        x2, r2, s2, weight if weight is not None else x2, bias if bias is not None else x2, y2,
+        x2.stride(0), y2.stride(0), r2.stride(0), s2.stride(0), M, N, float(eps),
+        BLOCK_N=block_n, ROWS=rows, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_R=residual is not None, **opts)
+    return out if residual is None else (s, out)

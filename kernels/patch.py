@@ -16,6 +16,11 @@ Sites (module classes of the port): CrossAttention, CLIPAttention (causal), VAE 
 nn.GroupNorm (GroupNorm32: eps 1e-5; plain: eps 1e-6 — the module's own eps is used), ResBlock
 (fused emb add + GN + SiLU), VAE ResnetBlock (GN + swish fused), standalone nn.SiLU.
 
+Fusions (`fusions=`, names in FUSIONS; kernels/_fused.py): block forwards that run convolutions
+without their bias and fold it, the residual adds and layout changes into the kernels around them
+(ResBlock, SpatialTransformer, BasicTransformerBlock, self-attention's q/k/v, 1x1 convolutions).
+They are installed before the per-op sites and count under their own names in `counts`.
+
 Every patched forward checks device, dtype, layout and autograd, and falls back to the original
 forward when the kernel cannot run, counting the reason; `strict=True` raises instead (the tests
 use it so nothing passes on a fallback). CONTROLNET_KERNELS_DISABLE="attention,group_norm"
@@ -26,8 +31,7 @@ Sites that need no Triton (kernels/_torch_sites.py), off unless asked for: `sdpa
 CrossAttention that the Triton attention does not take through F.scaled_dot_product_attention;
 `cross_kv=lookup` makes every attn2 read the per-generation constant K/V of the text from
 `lookup(module) -> (k, v)` ([B, heads, L, d]) when called without a context (fast mode's
-precompute). `fusions` names fused kernels (validated against FUSIONS). Patching an already
-patched model returns a handle whose `undo()` leaves the outer patch in place, so
+precompute). Patching an already patched model returns a handle whose `undo()` leaves the outer patch in place, so
 `kernels.patched()` nests.
 """
 
@@ -46,7 +50,13 @@ logger = logging.getLogger(__name__)
 
 KERNELS = ("attention", "group_norm", "layer_norm", "geglu", "silu")
 TORCH_SITES = ("sdpa", "cross_kv")  # counted like kernels; need no Triton
-FUSIONS = ()  # names of the fused kernels `patch(fusions=...)` accepts (none yet)
+# Block-level fusions (kernels/_fused.py says what each does). DEFAULT_FUSIONS: those measured
+# faster on the H200 (benchmarks/results/fusions_h200.md); `fusions=None` means these.
+# "skip_cat" has no patch site: fast mode's decoder (runtime/fast.py) calls kernels.residual's
+# skip_cat through handle.run when the handle lists it.
+FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias",
+           "skip_cat")
+DEFAULT_FUSIONS = FUSIONS
 ENV_DISABLE = "CONTROLNET_KERNELS_DISABLE"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HANDLE_ATTR = "_kernels_patch_handle"  # plain attribute on the root: never in state_dict
@@ -90,9 +100,12 @@ class PatchHandle:
         self.fusions = tuple(fusions)
         self.active = False
         self.reason = ""
-        counted = KERNELS + tuple(k for k in TORCH_SITES if enabled.get(k))
+        counted = KERNELS + tuple(k for k in TORCH_SITES if enabled.get(k)) + self.fusions
         self.counts = {k: {"sites": 0, "calls": 0, "fallbacks": 0, "reasons": {}} for k in counted}
         self.counts["attention"]["sdpa"] = 0
+        if "conv1x1_bias" in self.counts:
+            self.counts["conv1x1_bias"]["unfused"] = 0  # NCHW inputs: nothing to fuse
+        self._qkv_cache = {}  # fusion "qkv": module -> (weights' key, concatenated weight)
         self._changes = []  # (module, attribute name, previous instance value or _MISSING, new)
 
     def __repr__(self):
@@ -126,6 +139,7 @@ class PatchHandle:
             else:
                 module.__dict__[name] = prev
         self._changes = []
+        self._qkv_cache.clear()
         if self.model.__dict__.get(_HANDLE_ATTR) is self:
             del self.model.__dict__[_HANDLE_ATTR]
         self.active = False
@@ -180,32 +194,41 @@ class NestedHandle:
 def _disabled_from_env():
     raw = os.environ.get(ENV_DISABLE, "").strip().lower()
     if raw in ("1", "all", "true", "yes"):
-        return set(KERNELS)
+        return set(KERNELS) | set(FUSIONS)
     return {s.strip() for s in raw.split(",") if s.strip()}
 
 
+def _fusion_names(fusions):
+    names = DEFAULT_FUSIONS if fusions is None else tuple(fusions)
+    unknown = set(names) - set(FUSIONS)
+    if unknown:
+        raise ValueError(f"kernels.patch: unknown fusions {sorted(unknown)} (known: {FUSIONS})")
+    off = _disabled_from_env()
+    return tuple(f for f in FUSIONS if f in names and f not in off)
+
+
 def patch(model: nn.Module, *, attention=True, group_norm=True, layer_norm=True, geglu=True,
-          silu=True, sdpa=False, cross_kv=None, fusions=(), strict=False) -> PatchHandle:
+          silu=True, sdpa=False, cross_kv=None, fusions=None, strict=False) -> PatchHandle:
+    """Patch `model`'s instances; `fusions`: names from FUSIONS (None: DEFAULT_FUSIONS, (): none).
+    A fusion that needs a kernel family (conv_bias: group_norm, add_layer_norm: layer_norm) is
+    only installed with that family on."""
     existing = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None and existing.active:
         return NestedHandle(existing)  # patching twice is a no-op; its undo leaves the outer
-    unknown = sorted(set(fusions) - set(FUSIONS))
-    if unknown:
-        raise ValueError(f"kernels.patch: unknown fusions {unknown} (known: {list(FUSIONS)})")
     enabled = dict(attention=attention, group_norm=group_norm, layer_norm=layer_norm,
                    geglu=geglu, silu=silu)
     off = _disabled_from_env()
-    unknown = off - set(KERNELS)
+    unknown = off - set(KERNELS) - set(FUSIONS)
     if unknown:
         logger.warning("%s: unknown kernel names %s (known: %s)", ENV_DISABLE, sorted(unknown), KERNELS)
     enabled = {k: bool(v) and k not in off for k, v in enabled.items()}
     enabled.update(sdpa=bool(sdpa), cross_kv=cross_kv is not None)
-    handle = PatchHandle(model, strict, enabled, fusions)
+    handle = PatchHandle(model, strict, enabled, _fusion_names(fusions))
     from . import _torch_sites  # no Triton needed: installed wherever torch runs
     if cross_kv is not None:
         _torch_sites.install_cross_kv(handle, model, cross_kv, sdpa)
     usable, why = platform.kernels_usable()
-    if usable and not any(enabled[k] for k in KERNELS):
+    if usable and not any(enabled[k] for k in KERNELS) and not handle.fusions:
         usable, why = False, f"all kernels disabled ({ENV_DISABLE} or arguments)"
     if usable:
         from . import _sites  # imports triton: only once we know it is there

@@ -228,6 +228,9 @@ _CUDA = {
                        num_warps=8, one_pass_warps=16),
     "layer_norm": dict(ELEMS_PER_PROGRAM=8192, num_warps=8),
     "elementwise": dict(BLOCK=2048, num_warps=8),
+    # bias + residual epilogue (kernels/residual.py): [BLOCK_P, <=64 channels] tiles of
+    # ~BLOCK elements; chosen like "elementwise", not tuned separately
+    "residual": dict(BLOCK=2048, num_warps=4),
 }
 
 # RDNA3 (gfx11: W7900 = gfx1100, wave32, 96 CUs / 48 WGPs, 64 KB LDS per workgroup, 1536 VGPRs
@@ -252,6 +255,7 @@ _HIP = {
                        num_warps=8, one_pass_warps=16),
     "layer_norm": dict(ELEMS_PER_PROGRAM=4096, num_warps=8),
     "elementwise": dict(BLOCK=2048, num_warps=8),
+    "residual": dict(BLOCK=2048, num_warps=4),  # 4 waves of 32 lanes: 16 elements a lane
 }
 
 # CDNA (gfx9: MI300X = gfx942, wave64, 304 CUs, 64 KB LDS, 512 unified VGPR/AGPRs per lane, MFMA).
@@ -285,6 +289,7 @@ _INTERP = {
                        num_warps=4, one_pass_warps=4),
     "layer_norm": dict(ELEMS_PER_PROGRAM=4096, num_warps=4),
     "elementwise": dict(BLOCK=4096, num_warps=4),
+    "residual": dict(BLOCK=4096, num_warps=4),
 }
 
 

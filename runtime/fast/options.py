@@ -56,13 +56,8 @@ class FastOptions:
                 raise ValueError("fusions need kernels=True")
 
     def kernel_fusions(self):
-        """The fusions to pass to kernels.patch."""
-        if not self.kernels:
-            return ()
-        if self.fusions is not None:
-            return self.fusions
-        import kernels
-        return tuple(getattr(kernels, "DEFAULT_FUSIONS", ()))
+        """The fusions to pass to kernels.patch (None: kernels.DEFAULT_FUSIONS)."""
+        return self.fusions if self.kernels else ()
 
     @classmethod
     def plain(cls, dtype=torch.float16):

@@ -32,14 +32,29 @@ def unet_encoder(unet, x, emb, context):
     return unet.middle_block(h, emb, context), hs
 
 
-def unet_decoder(unet, h, hs, emb, context, control, only_mid_control=False):
+def unet_decoder(unet, h, hs, emb, context, control, only_mid_control=False, scales=None,
+                 skip_cat=None):
     """ControlledUnetModel's second half: the middle residual, then skip (+ its residual unless
-    only_mid_control) per output block. `control`: the 13 scaled residuals, or None."""
+    only_mid_control) per output block. `control`: the 13 residuals, or None; scaled already, or
+    unscaled with `scales` given (control[i] · scales[i] is applied here). `skip_cat(h, skip,
+    ctrl, scale)` (kernels' fusion "skip_cat") makes cat([h, skip + ctrl · scale]) in one kernel
+    instead of a mul, an add and a cat."""
     if control is not None:
-        h = h + control[-1]
+        h = h + (control[-1] if scales is None else control[-1] * scales[len(control) - 1])
     for j, block in enumerate(unet.output_blocks):
         skip = hs[-1 - j]
-        if control is not None and not only_mid_control:
-            skip = skip + control[-2 - j]
-        h = block(torch.cat([h, skip], dim=1), emb, context)
+        i = len(unet.output_blocks) - 1 - j  # index of this skip's residual
+        ctrl = None if (control is None or only_mid_control) else control[i]
+        sc = None if (ctrl is None or scales is None) else scales[i:i + 1]
+        if skip_cat is not None:
+            h = block(skip_cat(h, skip, ctrl, sc), emb, context)
+        else:
+            h = block(cat_skip(h, skip, ctrl, sc), emb, context)
     return unet.out(h)
+
+
+def cat_skip(h, skip, ctrl, scale):
+    """cat([h, skip + ctrl · scale], dim=1) in PyTorch ops (what the skip_cat kernel fuses)."""
+    if ctrl is not None:
+        skip = skip + (ctrl if scale is None else ctrl * scale)
+    return torch.cat([h, skip], dim=1)

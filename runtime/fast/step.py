@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ldm.modules.diffusionmodules.util import timestep_embedding
-from runtime.fast.split import control_forward, unet_decoder, unet_encoder
+from runtime.fast.split import cat_skip, control_forward, unet_decoder, unet_encoder
 
 
 def model_calls(key, batched_cfg):
@@ -33,7 +33,7 @@ class Step:
     """`step(entry)`: one DDIM step on entry.bufs["x"] in place."""
 
     def __init__(self, nets, precompute, cross_kv, options, device):
-        self.unet, self.control = nets.unet, nets.control
+        self.nets, self.unet, self.control = nets, nets.unet, nets.control
         self.pre, self.kv, self.options = precompute, cross_kv, options
         self.side = (torch.cuda.Stream(device=device)
                      if options.two_streams and device.type == "cuda" else None)
@@ -63,10 +63,13 @@ class Step:
         else:
             xc = x
 
+        fused_cat = self.skip_cat()
+
         def run_control():
             g = b["g"] if o.precompute else self.control.input_hint_block(b["hint"], None, None)
             res = control_forward(self.control, xc, emb_c.expand(xc.shape[0], -1), ctx_c, g)
-            res = [r * b["cscales"][i] for i, r in enumerate(res)]
+            if fused_cat is None:  # else the decoder's skip_cat kernel applies the scales
+                res = [r * b["cscales"][i] for i, r in enumerate(res)]
             if xc.shape[0] != rows:      # guess mode: zero residuals for the uncond rows
                 res = [torch.cat([torch.zeros_like(r), r]) for r in res]
             return res
@@ -83,7 +86,17 @@ class Step:
             if xc is not None:
                 control = run_control()
             hm, hs = unet_encoder(self.unet, x, emb_u, ctx_u)
-        return unet_decoder(self.unet, hm, hs, emb_u, ctx_u, control, key.only_mid)
+        return unet_decoder(self.unet, hm, hs, emb_u, ctx_u, control, key.only_mid,
+                            scales=None if fused_cat is None else b["cscales"], skip_cat=fused_cat)
+
+    def skip_cat(self):
+        """kernels' skip_cat (through the patch handle, counted) when the handle has that
+        fusion, else None."""
+        h = self.nets.handle
+        if h is None or not self.nets.kernels_active or "skip_cat" not in h.fusions:
+            return None
+        from kernels.residual import skip_cat
+        return lambda *a: h.run("skip_cat", None, lambda: skip_cat(*a), lambda: cat_skip(*a))
 
     def __call__(self, e):
         b, key = e.bufs, e.key

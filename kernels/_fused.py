@@ -1,0 +1,213 @@
+"""The fusion sites of kernels.patch: block forwards that launch fewer, fatter kernels.
+
+Each fusion is a name of `patch.FUSIONS`, switched by `kernels.patch(model, fusions=(...))`.
+Like every site, a fused forward is bound to the instance, reads weights and biases from the
+module at call time (so `.to()`, `.half()`, `load_state_dict` keep working), and calls the
+module's submodules as modules where it keeps them (their own patched forwards still apply).
+Where a fusion does not apply (layout, rank, mask) the original forward runs and the reason is
+counted; `strict=True` raises instead.
+
+* conv_bias (ResBlock): both 3x3 convolutions and the skip convolution run with bias=None. The
+  first bias goes into the GroupNorm that reads the output (group_norm's `add_c`, next to the
+  emb add it already had), the second and the skip's into one bias + residual kernel.
+* spatial_transformer: proj_in / proj_out as GEMMs on the [B, H·W, C] token view (a view of a
+  channels_last map: no layout copies; upstream's `.contiguous()` to NCHW and back costs two
+  copies per block), proj_in's bias in cuBLAS's epilogue, proj_out's bias and the `+ x_in`
+  residual in one bias + residual kernel.
+* qkv: self-attention's three projections as one GEMM against the concatenated weight; q, k, v
+  are strided views of its output (SDPA and the Triton kernel take strides). The concatenated
+  weight is cached on the handle, keyed on the three weights' (data_ptr, _version, dtype), so
+  an in-place or replaced weight rebuilds it; `undo()` drops the cache. Cost: a second copy of
+  the self-attention q/k/v weights (~110 MB in fp16 for UNet + ControlNet) for 46 GEMMs a step.
+* add_layer_norm (BasicTransformerBlock): `x = attn(...) + x; norm(x)` as one LayerNorm kernel
+  that also writes the sum (twice per block).
+* conv1x1_bias: a 1x1 Conv2d on a channels_last input as F.linear on its [B, H, W, C] view, which
+  gets cuBLAS's bias epilogue (H200, [2,320,64,64]: 9.5 µs against 6.1 + 7.1 µs for GEMM + bias
+  pass). Used by the ControlNet's zero convolutions; NCHW inputs (the VAE) run the conv as is.
+* skip_cat has no site here: fast mode's decoder (runtime/fast.py) calls kernels.residual's
+  skip_cat through `handle.run("skip_cat", ...)` when the handle lists it.
+Measured on the H200 (benchmarks/results/fusions_h200.md): all six take a 512² step from 1150 to
+849 kernels and the 20-step graph loop from 189 to 163 ms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .group_norm import group_norm
+from .layer_norm import MAX_N as LN_MAX_N
+from .layer_norm import layer_norm
+from .patch import _dense_reason, _tensor_reason
+from .residual import bias_residual
+
+
+def _conv(conv, x):
+    """conv(x) without its bias (the caller adds it inside a fused kernel)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _is_conv2d(m):
+    return type(m) is nn.Conv2d and m.padding_mode == "zeros"
+
+
+# -- ResBlock ------------------------------------------------------------------------------------
+def resblock_ok(m):
+    return (type(m).__name__ == "ResBlock" and hasattr(m, "_forward") and not m.use_scale_shift_norm
+            and len(m.in_layers) == 3 and isinstance(m.in_layers[0], nn.GroupNorm)
+            and _is_conv2d(m.in_layers[2]) and len(m.out_layers) == 4
+            and isinstance(m.out_layers[0], nn.GroupNorm) and type(m.out_layers[1]) is nn.SiLU
+            and _is_conv2d(m.out_layers[3])
+            and (isinstance(m.skip_connection, nn.Identity) or _is_conv2d(m.skip_connection)))
+
+
+def patch_resblock(handle, rb):
+    orig = rb._forward
+
+    def _forward(self, x, emb):
+        def fast():
+            gn1, conv1 = self.in_layers[0], self.in_layers[2]
+            h = group_norm(x, gn1.num_groups, gn1.weight, gn1.bias, gn1.eps, silu=True)
+            h = _conv(conv1, h)
+            emb_out = self.emb_layers(emb).type(h.dtype)
+            gn2 = self.out_layers[0]
+            h = group_norm(h, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps, silu=True,
+                           add=emb_out, add_c=conv1.bias)
+            h = _conv(self.out_layers[3], self.out_layers[2](h))
+            skip = self.skip_connection
+            if isinstance(skip, nn.Identity):
+                res, b2 = x, None
+            else:
+                res, b2 = _conv(skip, x), skip.bias
+            return bias_residual(h, self.out_layers[3].bias, res, b2)
+
+        r = _dense_reason(x) or (None if x.dim() == 4 and emb.dim() == 2 else "rank")
+        return handle.run("conv_bias", r, fast, lambda: orig(x, emb))
+    handle._set(rb, "_forward", _forward, "conv_bias")
+
+
+# -- SpatialTransformer --------------------------------------------------------------------------
+def spatial_transformer_ok(m):
+    return (type(m).__name__ == "SpatialTransformer" and hasattr(m, "transformer_blocks")
+            and (m.use_linear or (_is_conv2d(m.proj_in) and _is_conv2d(m.proj_out)
+                                  and m.proj_in.kernel_size == (1, 1)
+                                  and m.proj_out.kernel_size == (1, 1))))
+
+
+def patch_spatial_transformer(handle, st):
+    orig = st.forward
+
+    def forward(self, x, context=None):
+        def fast():
+            ctx = context if isinstance(context, list) else [context]
+            b, c, h, w = x.shape
+            # a view for channels_last; a copy for NCHW (upstream's .contiguous() makes it too)
+            t = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+            w_in = self.proj_in.weight
+            t = F.linear(t, w_in.reshape(w_in.shape[0], -1), self.proj_in.bias)
+            for i, block in enumerate(self.transformer_blocks):
+                t = block(t, context=ctx[i])
+            w_out = self.proj_out.weight
+            p = F.linear(t, w_out.reshape(w_out.shape[0], -1))
+            p = p.view(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, H, W] with channels_last strides
+            return bias_residual(p, self.proj_out.bias, x)
+
+        r = _dense_reason(x) or (None if x.dim() == 4 else "rank")
+        return handle.run("spatial_transformer", r, fast, lambda: orig(x, context))
+    handle._set(st, "forward", forward, "spatial_transformer")
+
+
+# -- self-attention: one GEMM for q, k, v --------------------------------------------------------
+def _qkv_weight(handle, m):
+    ws = (m.to_q.weight, m.to_k.weight, m.to_v.weight)
+    key = tuple((w.data_ptr(), w._version) for w in ws) + (ws[0].dtype, ws[0].device)
+    hit = handle._qkv_cache.get(m)
+    if hit is None or hit[0] != key:
+        hit = (key, torch.cat(ws, 0))
+        handle._qkv_cache[m] = hit
+    return hit[1]
+
+
+def qkv_ok(m):
+    return (type(m).__name__ == "CrossAttention" and hasattr(m, "to_q")
+            and m.to_q.bias is None and m.to_k.bias is None and m.to_v.bias is None
+            and m.to_k.in_features == m.to_q.in_features)
+
+
+def patch_qkv(handle, m, use_kernel):
+    orig = m.forward
+
+    def forward(self, x, context=None, mask=None):
+        def fast():
+            qkv = F.linear(x, _qkv_weight(handle, self))  # [B, N, 3·H·d]
+            q, k, v = qkv.chunk(3, dim=-1)                 # strided [B, N, H·d] views
+            if use_kernel:
+                return self.to_out(attention(q, k, v, self.heads, scale=self.scale))
+            b, n, _ = q.shape
+            q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            return self.to_out(o.transpose(1, 2).reshape(b, n, -1))
+
+        r = _tensor_reason(x)
+        if context is not None:
+            r = "context (cross-attention)"
+        elif mask is not None:
+            r = "mask"
+        elif r is None and x.dim() != 3:
+            r = "rank"
+        return handle.run("qkv", r, fast, lambda: orig(x, context=context, mask=mask))
+    handle._set(m, "forward", forward, "qkv")
+
+
+# -- BasicTransformerBlock: residual add + LayerNorm ----------------------------------------------
+def transformer_block_ok(m):
+    return (type(m).__name__ == "BasicTransformerBlock" and hasattr(m, "_forward")
+            and all(isinstance(getattr(m, f"norm{i}", None), nn.LayerNorm) for i in (1, 2, 3)))
+
+
+def patch_transformer_block(handle, blk):
+    orig = blk._forward
+
+    def _forward(self, x, context=None):
+        def fast():
+            a = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
+            n2 = self.norm2
+            s, h = layer_norm(a, n2.weight, n2.bias, n2.eps, residual=x)
+            a = self.attn2(h, context=context)
+            n3 = self.norm3
+            s, h = layer_norm(a, n3.weight, n3.bias, n3.eps, residual=s)
+            return self.ff(h) + s
+
+        r = _tensor_reason(x)
+        if r is None and (x.dim() != 3 or x.shape[-1] > LN_MAX_N or x.stride(-1) != 1):
+            r = "shape"
+        return handle.run("add_layer_norm", r, fast, lambda: orig(x, context))
+    handle._set(blk, "_forward", _forward, "add_layer_norm")
+
+
+# -- 1x1 convolution on channels_last as a GEMM with the bias in its epilogue --------------------
+def conv1x1_ok(m):
+    return (_is_conv2d(m) and m.kernel_size == (1, 1) and m.stride == (1, 1)
+            and m.padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1
+            and m.bias is not None)
+
+
+def patch_conv1x1(handle, conv):
+    orig = conv.forward
+
+    def forward(self, x):
+        r = _tensor_reason(x)
+        if r is None and not (x.dim() == 4 and not x.is_contiguous()
+                              and x.is_contiguous(memory_format=torch.channels_last)):
+            # NCHW (the VAE): nothing to fuse, cuDNN's own 1x1 path is used; not a failure
+            handle.counts["conv1x1_bias"]["unfused"] += 1
+            return orig(x)
+
+        def fast():
+            w = self.weight
+            return F.linear(x.permute(0, 2, 3, 1), w.reshape(w.shape[0], -1),
+                            self.bias).permute(0, 3, 1, 2)
+        return handle.run("conv1x1_bias", r, fast, lambda: orig(x))
+    handle._set(conv, "forward", forward, "conv1x1_bias")
