@@ -216,6 +216,12 @@ def _is_self_attention(m, mods):
                for b in mods if _name(b) == "BasicTransformerBlock")
 
 
+def _attention_kernel(handle, m, self_attention):
+    """Does CrossAttention `m` get the Triton attention (the handle's policy, if it has one)?"""
+    policy = handle.attention_policy
+    return handle.enabled["attention"] and (policy is None or bool(policy(m, self_attention)))
+
+
 def install(handle, model):
     en = handle.enabled
     mods = list(model.modules())
@@ -232,7 +238,7 @@ def install(handle, model):
                 and "_forward" not in m.__dict__:
             _fused.patch_transformer_block(handle, m)
         elif "qkv" in fu and _fused.qkv_ok(m) and _is_self_attention(m, mods) and fresh(m):
-            _fused.patch_qkv(handle, m, use_kernel=en["attention"])
+            _fused.patch_qkv(handle, m, use_kernel=_attention_kernel(handle, m, True))
             done.add(id(m))
         elif "conv1x1_bias" in fu and _fused.conv1x1_ok(m) and fresh(m):
             _fused.patch_conv1x1(handle, m)
@@ -260,7 +266,8 @@ def install(handle, model):
         if not fresh(m):
             continue
         name = _name(m)
-        if en["attention"] and name == "CrossAttention" and hasattr(m, "to_q"):
+        if name == "CrossAttention" and hasattr(m, "to_q") \
+                and _attention_kernel(handle, m, _is_self_attention(m, mods)):
             _patch_cross_attention(handle, m)
         elif en["attention"] and name == "CLIPAttention" and hasattr(m, "q_proj"):
             _patch_clip_attention(handle, m)

@@ -98,6 +98,7 @@ class PatchHandle:
         self.strict = strict
         self.enabled = enabled
         self.fusions = tuple(fusions)
+        self.attention_policy = None  # (module, self_attention) -> use the Triton kernel?
         self.active = False
         self.reason = ""
         counted = KERNELS + tuple(k for k in TORCH_SITES if enabled.get(k)) + self.fusions
@@ -210,6 +211,8 @@ def _fusion_names(fusions):
 def patch(model: nn.Module, *, attention=True, group_norm=True, layer_norm=True, geglu=True,
           silu=True, sdpa=False, cross_kv=None, fusions=None, strict=False) -> PatchHandle:
     """Patch `model`'s instances; `fusions`: names from FUSIONS (None: DEFAULT_FUSIONS, (): none).
+    `attention` may be a policy `(module, self_attention) -> bool` that picks the Triton kernel per
+    CrossAttention module (the others are left to `sdpa`).
     A fusion that needs a kernel family (conv_bias: group_norm, add_layer_norm: layer_norm) is
     only installed with that family on."""
     existing = model.__dict__.get(_HANDLE_ATTR)
@@ -224,6 +227,7 @@ def patch(model: nn.Module, *, attention=True, group_norm=True, layer_norm=True,
     enabled = {k: bool(v) and k not in off for k, v in enabled.items()}
     enabled.update(sdpa=bool(sdpa), cross_kv=cross_kv is not None)
     handle = PatchHandle(model, strict, enabled, _fusion_names(fusions))
+    handle.attention_policy = attention if callable(attention) else None
     from . import _torch_sites  # no Triton needed: installed wherever torch runs
     if cross_kv is not None:
         _torch_sites.install_cross_kv(handle, model, cross_kv, sdpa)

@@ -97,7 +97,7 @@ class FastNets:
     def _patch(self):
         o = self.options
         self.handle = kernels.patch(
-            self._holder, attention=self.attention == "triton", group_norm=o.kernels,
+            self._holder, attention=self.attention, group_norm=o.kernels,
             layer_norm=o.kernels, geglu=o.kernels, silu=o.kernels, sdpa=True,
             cross_kv=self.cross_kv if o.precompute else None, fusions=o.kernel_fusions())
 

@@ -78,12 +78,19 @@ class FastOptions:
 
 
 def resolve_attention(options, device):
-    """(backend, reason): "triton" or "sdpa" for the CrossAttention modules of the UNet and the
-    ControlNet. The only place "auto" is decided."""
+    """(choice, reason) for the CrossAttention modules of the UNet and the ControlNet, as
+    kernels.patch(attention=...) takes it: True (the Triton kernel), False (SDPA), or for "auto" a
+    per-module choice by kernels.platform.attention_backend (ROCm: Triton where torch has no fused
+    SDPA for the GPU; CUDA: the faster of the two as measured, by self/cross and head dim)."""
     if not options.kernels:
-        return "sdpa", "kernels off"
+        return False, "kernels off"
     if options.attention != "auto":
-        return options.attention, "FastOptions.attention"
-    # LEAD: wire "auto" here to kernels.platform.attention_backend(device) -> (name, reason) once
-    # the `amd` branch has it. Until then SDPA (cuDNN / flash on NVIDIA), fast mode's default so far.
-    return "sdpa", "auto: SDPA until kernels.platform.attention_backend exists"
+        return options.attention == "triton", f"FastOptions.attention={options.attention!r}"
+    from kernels import platform
+
+    def policy(module, self_attention):
+        head_dim = module.to_q.out_features // module.heads
+        name, _ = platform.attention_backend(device, self_attention=self_attention,
+                                             head_dim=head_dim)
+        return name == "triton"
+    return policy, "auto: kernels.platform.attention_backend per module (logged once per answer)"

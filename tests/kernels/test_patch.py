@@ -87,7 +87,7 @@ def test_undo_restores_identity_and_state_dict():
 def test_nested_patched_keeps_the_outer_patch():
     m = _toy()
     args = _toy_inputs()
-    with kernels.patched(m) as outer:
+    with kernels.patched(m, fusions=()) as outer:
         patched_forward = m.block.attn1.__dict__["forward"]
         with kernels.patched(m, strict=True) as inner:
             assert inner.outer is outer
@@ -109,7 +109,8 @@ def test_sdpa_and_cross_kv_sites():
         ref1, ref2 = attn1(x), attn2(x, context=ctx)
         cache = {attn2: split_kv(attn2, ctx)}
         with kernels.patched(m, attention=False, group_norm=False, layer_norm=False, geglu=False,
-                             silu=False, sdpa=True, cross_kv=cache.get, strict=True) as h:
+                             silu=False, sdpa=True, cross_kv=cache.get, fusions=(),
+                             strict=True) as h:
             got1, got2 = attn1(x), attn2(x)
             assert h.counts["sdpa"]["sites"] == 1 and h.counts["cross_kv"]["sites"] == 1
             assert h.counts["sdpa"]["calls"] == 1 and h.counts["cross_kv"]["calls"] == 1
@@ -121,6 +122,28 @@ def test_sdpa_and_cross_kv_sites():
     assert_close(got1, ref1, torch.float32)
     assert_close(got2, ref2, torch.float32)
     assert "forward" not in attn1.__dict__ and "forward" not in attn2.__dict__
+
+
+def test_attention_policy_picks_per_module():
+    """attention=policy(module, self_attention): the Triton kernel where the policy says so,
+    SDPA (sdpa=True) elsewhere; the policy is asked with the right self/cross flag."""
+    m = _toy()
+    x, ctx, img = _toy_inputs()
+    asked = {}
+
+    def policy(module, self_attention):
+        asked[module] = self_attention
+        return self_attention  # e.g. the Triton kernel for self-attention only
+
+    with torch.no_grad():
+        ref = m(x, ctx, img)
+        with kernels.patched(m, attention=policy, sdpa=True, fusions=(), strict=True) as h:
+            got = m(x, ctx, img)
+    assert asked == {m.block.attn1: True, m.block.attn2: False}
+    assert h.counts["attention"]["sites"] == 1 and h.counts["attention"]["calls"] == 1
+    assert h.counts["sdpa"]["sites"] == 1 and h.counts["sdpa"]["calls"] == 1
+    for a, b in zip(got, ref):
+        assert_close(a, b, torch.float32, scale=5.0)
 
 
 def test_unknown_fusion_is_refused():
