@@ -16,7 +16,8 @@ Sites (module classes of the port): CrossAttention, CLIPAttention (causal), VAE 
 nn.GroupNorm (GroupNorm32: eps 1e-5; plain: eps 1e-6 — the module's own eps is used), ResBlock
 (fused emb add + GN + SiLU), VAE ResnetBlock (GN + swish fused), standalone nn.SiLU.
 
-Every patched forward checks device, dtype, layout and autograd, and falls back to the original
+Every patched forward runs under the CUDA device of its input (Triton launches on the current
+device: `platform.on_input_device`), and checks device, dtype, layout and autograd, and falls back to the original
 forward when the kernel cannot run, counting the reason; `strict=True` raises instead (the tests
 use it so nothing passes on a fallback). CONTROLNET_KERNELS_DISABLE="attention,group_norm"
 (or "all") switches kernels off. Without Triton, or without a GPU outside the interpreter, the
@@ -98,6 +99,8 @@ class PatchHandle:
     def _set(self, module, name, fn, kernel=None):
         prev = module.__dict__.get(name, _MISSING)
         new = types.MethodType(fn, module)
+        if fn is not _identity:  # every kernel launch under its input's device (platform.py)
+            new = platform.on_input_device(new)
         module.__dict__[name] = new  # instance attribute: shadows the class's method
         self._changes.append((module, name, prev, new))
         if kernel is not None:

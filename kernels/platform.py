@@ -192,3 +192,35 @@ def launch_options(cfg: dict) -> dict:
     if is_hip() and not is_interpreter() and "waves_per_eu" in cfg:
         opts["waves_per_eu"] = int(cfg["waves_per_eu"])
     return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# Device guard. Triton launches on the *current* CUDA/HIP device, not on the device of the
+# tensors it is given, so a model on cuda:1 with the current device left at 0 would launch its
+# kernels on the wrong GPU (an illegal address, or the launcher's device check falling back).
+
+
+def _cuda_device_of(args, kwargs):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device if a.device.type == "cuda" else None
+    for a in kwargs.values():
+        if isinstance(a, torch.Tensor):
+            return a.device if a.device.type == "cuda" else None
+    return None
+
+
+def on_input_device(fn):
+    """`fn` wrapped to run under the CUDA device of its first tensor argument, when that is not
+    the current device. The common case (already current, or a CPU tensor in the interpreter)
+    costs one isinstance scan and, on CUDA, one current_device() call."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        device = _cuda_device_of(args, kwargs)
+        if device is None or device.index is None or device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    return call
