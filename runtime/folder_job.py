@@ -127,9 +127,10 @@ def _record(task, rank, outputs=(), seconds=0.0, error=None):
             "rank": rank, "seconds": round(seconds, 3), "error": error}
 
 
-def _reason(e, expected):
+def _reason(e, expected, path=None):
     if isinstance(e, expected):
-        return str(e)
+        msg = str(e)   # "path: reason" -> "reason": the record names the path already
+        return msg[len(path) + 2:] if path and msg.startswith(f"{path}: ") else msg
     import torch
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
         return "out of memory: try a lower --image-resolution, fewer --num-samples or a smaller " \
@@ -158,7 +159,7 @@ class _Worker:
                 self.pipeline.check(image, seed=task.seed, **self.s.params)
             except Exception as e:   # a bad file is recorded and the job goes on
                 yield _record(task, self.ranks.rank, seconds=time.perf_counter() - t0,
-                              error=_reason(e, self.expected))
+                              error=_reason(e, self.expected, task.path))
                 continue
             size = resized_shape(image.shape[0], image.shape[1], self.s.params["image_resolution"])
             loaded.append((size, task, image, time.perf_counter() - t0))
