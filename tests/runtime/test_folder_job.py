@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from runtime import folder_job
+from runtime.errors import InputError
 from runtime.cli import main
 from tests.conftest import REPO
 
@@ -135,33 +136,55 @@ def test_every_bad_file_is_named_once_and_the_rest_is_written(tmp_path, capsys):
     assert len([f for f in os.listdir(outdir) if f.endswith(".png")]) == 4
 
 
-def test_random_seeds_are_per_file_and_recorded(tmp_path, capsys):
-    folder = _write_images(tmp_path / "in", 3)
+def test_random_seeds_are_per_file_and_recorded_with_batches(tmp_path, capsys):
+    folder = _write_images(tmp_path / "in", 3)                 # sizes 64, 80, 64 px high
     outdir = tmp_path / "out"
-    assert main([str(folder), *FLAGS, "--seed", "-1", "--outdir", str(outdir)]) == 0
-    files = _manifest(outdir)["files"]
-    for r in files:
+    assert main([str(folder), *FLAGS, "--seed", "-1", "--batch-size", "3",
+                 "--outdir", str(outdir)]) == 0
+    m = _manifest(outdir)
+    assert m["batch_size"] == 3 and m["failed"] == 0 and len(m["files"]) == 3
+    for r in m["files"]:
         assert 0 <= r["seed"] <= 65535
         sample = Image.open(outdir / r["outputs"][1])
         assert f"_seed{r['seed']}_" in r["outputs"][1] and sample.text["seed"] == str(r["seed"])
 
 
-def test_batch_size_keeps_each_files_noise(tmp_path, capsys):
-    folder = _write_images(tmp_path / "in", 5)
-    one, batched = tmp_path / "one", tmp_path / "batched"
-    assert main([str(folder), *FLAGS, "--num-samples", "2", "--outdir", str(one)]) == 0
-    assert main([str(folder), *FLAGS, "--num-samples", "2", "--batch-size", "4",
-                 "--outdir", str(batched)]) == 0
-    a, b = _pngs(one), _pngs(batched)
-    assert a.keys() == b.keys() and len(a) == 15
-    for name in a:
-        x = np.asarray(Image.open(one / name)).astype(int)
-        y = np.asarray(Image.open(batched / name)).astype(int)
-        # the same noise: equal up to the last bit of a few pixels (batch-size-dependent sums);
-        # another seed's noise would differ everywhere
-        assert np.abs(x - y).max() <= 1 and (x != y).mean() < 0.01, name
-    m = _manifest(batched)
-    assert m["batch_size"] == 4 and m["failed"] == 0
+@pytest.fixture(scope="module")
+def tiny_model():
+    from runtime.weights import build_model
+    from tests.conftest import TINY_CONFIG
+    return build_model(TINY_CONFIG, random_weights=True, seed=0)
+
+
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_process_batch_keeps_each_images_noise(tiny_model, mode):
+    from runtime.canny2image import Canny2Image
+    from runtime.sample import sample_image
+    pipe = Canny2Image(tiny_model, mode=mode)
+    rng = np.random.default_rng(1)
+    images = [sample_image(96, 128), rng.integers(0, 256, (96, 128, 3), dtype=np.uint8),
+              sample_image(96, 128)[::-1].copy()]
+    params = dict(prompt="a", a_prompt="b", n_prompt="c", num_samples=1, image_resolution=64,
+                  ddim_steps=2, guess_mode=False, strength=1.0, scale=9.0, eta=0.0,
+                  low_threshold=100, high_threshold=200)
+    seeds = [5, 7, 5]
+    one = [pipe.process(image, seed=s, **params) for image, s in zip(images, seeds)]
+    batched = pipe.process_batch(images, seeds, **params)
+    other_seed = pipe.process(images[0], seed=6, **params)
+    assert len(batched) == 3
+    for a, b in zip(one, batched):
+        assert len(a) == len(b) == 2
+        np.testing.assert_array_equal(a[0], b[0])                   # the edge map
+        for x, y in zip(a[1:], b[1:]):
+            # the same noise: equal up to the last bit of a few pixels (batch-size-dependent
+            # summation order); another seed's noise differs nearly everywhere
+            d = np.abs(x.astype(int) - y.astype(int))
+            assert d.max() <= 1 and (d > 0).mean() < 0.01
+    assert (np.abs(other_seed[1].astype(int) - one[0][1].astype(int)) > 1).mean() > 0.5
+    with pytest.raises(InputError, match="eta == 0"):
+        pipe.process_batch(images, seeds, **{**params, "eta": 0.5})
+    with pytest.raises(InputError, match="one size"):
+        pipe.process_batch([images[0], images[0][:, :64]], [1, 2], **params)
 
 
 def test_batches_do_not_depend_on_the_number_of_processes():
