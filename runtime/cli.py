@@ -3,6 +3,7 @@
     canny2image photo.jpg --prompt "a house" --random-weights
     canny2image                      # the built-in sample picture (runtime/sample.py)
     canny2image folder/ --tiny       # every image in a folder, on the tiny smoke-test model
+    torchrun --standalone --nproc-per-node 4 -m runtime.cli folder/   # a folder on 4 GPUs
 
 Choices made here (upstream has no CLI):
 * --seed defaults to 12345, so two runs with the same flags give the same images; -1 draws a
@@ -14,7 +15,8 @@ Choices made here (upstream has no CLI):
   pipeline reduces to 8 bit by >> 8).
 * Random weights are said in every file name (`_random-weights`), in the PNG text chunk
   "weights" and in the final line: such images are noise, not results.
-Every error ends in one line on stderr and a non-zero exit status, without a traceback.
+Every error ends in one line on stderr and a non-zero exit status, without a traceback. A folder
+run goes on past a bad file and ends non-zero after the others (runtime/folder_job.py).
 """
 import argparse
 import logging
