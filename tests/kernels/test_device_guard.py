@@ -14,12 +14,16 @@ from test_patch import _toy, _toy_inputs
 
 
 class _OnCuda(torch.Tensor):
-    """A CPU tensor that says it lives on cuda:<index> (only .device is read before the guard)."""
+    """A CPU tensor that says it lives on cuda:<index> (is_cuda and get_device() are all the guard
+    reads)."""
     index = 1
 
     @property
-    def device(self):
-        return torch.device("cuda", self.index)
+    def is_cuda(self):
+        return True
+
+    def get_device(self):
+        return self.index
 
 
 def _on_cuda(index, shape=(2, 3)):
