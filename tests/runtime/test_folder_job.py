@@ -70,7 +70,8 @@ def test_single_process_processes_the_others_and_names_the_bad_file(single, fold
     bad = str(folder / "img2_corrupt.png")
     failed = [line for line in err if "FAILED" in line]
     assert failed == [f"canny2image: FAILED {bad}: not an image OpenCV can read (use PNG or JPEG)"]
-    assert err[-1].startswith("canny2image: error: 1 of 6 files failed") and "img2_corrupt.png" in err[-1]
+    assert err[-1].startswith("canny2image: error: 1 of 6 files failed")
+    assert "img2_corrupt.png" in err[-1]
     assert "Traceback" not in result.stderr
     assert sorted(_pngs(outdir)) == sorted(
         [f"img{i}_edges.png" for i in range(5)]
@@ -99,7 +100,8 @@ def test_torchrun_two_processes_equal_the_single_process_run(single, folder, tmp
     m, mb = _manifest(outdir), _manifest(base)
     assert m["world_size"] == 2 and m["inputs"] == 6 and m["failed"] == 1
     assert [r["rank"] for r in m["files"]] == [0, 1, 0, 1, 0, 1]      # file i on rank i % 2
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("rank", "seconds")} for r in rs]  # noqa: E731
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in ("rank", "seconds")} for r in records]
     assert strip(m["files"]) == strip(mb["files"])
     assert not [f for f in os.listdir(outdir) if f.startswith(folder_job.PARTS_PREFIX)]
 
