@@ -20,7 +20,7 @@ from runtime.errors import InputError
 from runtime.cli import main
 from tests.conftest import REPO
 
-FLAGS = ["--tiny", "--image-resolution", "64", "--ddim-steps", "2", "--quiet"]
+FLAGS = ["--tiny", "--device", "cpu", "--image-resolution", "64", "--ddim-steps", "2", "--quiet"]
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 

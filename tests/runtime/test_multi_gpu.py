@@ -47,3 +47,33 @@ def test_fast_mode_on_cuda1_with_current_device_0_matches_cuda0():
         np.testing.assert_array_equal(a, b)
         # same GPU model and software: the same numbers (1 level of slack for algorithm choice)
         assert a.shape == c.shape and np.abs(a.astype(int) - c.astype(int)).max() <= 1
+
+
+def test_torchrun_on_two_gpus_matches_one_gpu(tmp_path):
+    """Each rank on cuda:LOCAL_RANK; the union of the outputs is the one-GPU run's."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import REPO
+    from tests.runtime.test_folder_job import TORCHRUN, _write_images
+
+    folder = _write_images(tmp_path / "in", 4)
+    flags = ["--tiny", "--image-resolution", "64", "--ddim-steps", "4", "--quiet"]
+
+    def run(prefix, outdir):
+        result = subprocess.run([*prefix, str(folder), *flags, "--outdir", str(outdir)],
+                                cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return sorted(f for f in os.listdir(outdir) if f.endswith(".png"))
+
+    one = run([sys.executable, "-m", "runtime.cli"], tmp_path / "one")
+    two = run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "runtime.cli"],
+              tmp_path / "two")
+    assert one == two and len(one) == 8
+    for name in one:
+        a = np.asarray(Image.open(tmp_path / "one" / name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "two" / name)).astype(int)
+        assert np.abs(a - b).max() <= 1, name   # fast mode: cuDNN may time another algorithm
