@@ -185,11 +185,17 @@ class _Worker:
                                                       [t.seed for t in tasks], progress=self.tick,
                                                       **self.s.params)
         except Exception as e:
-            seconds = (time.perf_counter() - t0 + read_s) / len(batch)
-            reason = _reason(e, self.expected)
-            for task in tasks:
-                yield _record(task, self.ranks.rank, seconds=seconds, error=reason)
             _free_device_memory()
+            if len(batch) > 1:
+                # e.g. out of memory at this batch size: one at a time instead (these files then
+                # match a --batch-size 1 run), so that only a file that fails alone is a failure
+                logger.warning("a batch of %d files failed (%s); running them one at a time",
+                               len(batch), _reason(e, self.expected))
+                for item in batch:
+                    yield from self._batch([item])
+                return
+            yield _record(tasks[0], self.ranks.rank, seconds=time.perf_counter() - t0 + read_s,
+                          error=_reason(e, self.expected))
             return
         seconds = (time.perf_counter() - t0 + read_s) / len(batch)
         for task, images in zip(tasks, results):

@@ -241,3 +241,28 @@ def test_rank0_does_not_hang_on_a_silent_rank_and_records_its_files(tmp_path, mo
     assert [r["error"] is None for r in records] == [True, False, True, False]
     assert all("no result from rank(s) [1]" in r["error"] for r in records[1::2])
     assert len(written) == 4 and _manifest(tmp_path)["failed"] == 2
+
+
+class _OomBatches(_StubPipeline):
+    def process_batch(self, images, seeds, progress=None, **kwargs):
+        raise MemoryError
+
+    def process(self, image, seed, progress=None, **kwargs):
+        if seed == 13:
+            raise MemoryError
+        return [image, image]
+
+
+def test_a_failed_batch_runs_its_files_one_at_a_time(tmp_path):
+    tasks = folder_job.plan([(f"f{i}", f"f{i}.png") for i in range(3)], 1)
+    tasks[1].seed = 13                           # this one fails alone too
+    settings = folder_job.Settings(outdir=str(tmp_path), params={"image_resolution": 64, "eta": 0},
+                                   batch_size=3, text=lambda source, seed: {}, quiet=True)
+    written = []
+    records = folder_job.run(tasks, None, _OomBatches(), settings, folder_job.Ranks(),
+                             read=lambda path: np.zeros((64, 64, 3), np.uint8),
+                             write=lambda path, image, text: written.append(path),
+                             expected=(), say=lambda msg: None)
+    assert [r["error"] for r in records] == [None, records[1]["error"], None]
+    assert records[1]["error"].startswith("out of memory")
+    assert len(written) == 4
