@@ -21,7 +21,9 @@ without their bias and fold it, the residual adds and layout changes into the ke
 (ResBlock, SpatialTransformer, BasicTransformerBlock, self-attention's q/k/v, 1x1 convolutions).
 They are installed before the per-op sites and count under their own names in `counts`.
 
-Every patched forward checks device, dtype, layout and autograd, and falls back to the original
+Every patched forward runs under the CUDA device of its input (Triton launches on the current
+device: `platform.on_input_device`), and checks device, dtype, layout and autograd, and falls
+back to the original
 forward when the kernel cannot run, counting the reason; `strict=True` raises instead (the tests
 use it so nothing passes on a fallback). CONTROLNET_KERNELS_DISABLE="attention,group_norm"
 (or "all") switches kernels off. Without Triton, or without a GPU outside the interpreter, the
@@ -31,8 +33,8 @@ Sites that need no Triton (kernels/_torch_sites.py), off unless asked for: `sdpa
 CrossAttention that the Triton attention does not take through F.scaled_dot_product_attention;
 `cross_kv=lookup` makes every attn2 read the per-generation constant K/V of the text from
 `lookup(module) -> (k, v)` ([B, heads, L, d]) when called without a context (fast mode's
-precompute). Patching an already patched model returns a handle whose `undo()` leaves the outer patch in place, so
-`kernels.patched()` nests.
+precompute). Patching an already patched model returns a handle whose `undo()` leaves the outer
+patch in place, so `kernels.patched()` nests.
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ class PatchHandle:
     def _set(self, module, name, fn, kernel=None):
         prev = module.__dict__.get(name, _MISSING)
         new = types.MethodType(fn, module)
+        if fn is not _identity:  # every kernel launch under its input's device (platform.py)
+            new = platform.on_input_device(new)
         module.__dict__[name] = new  # instance attribute: shadows the class's method
         self._changes.append((module, name, prev, new))
         if kernel is not None:

@@ -381,3 +381,36 @@ def attention_backend(device, *, self_attention: bool = True, head_dim: int = 40
         _LOGGED.add((name, reason))
         logger.info("attention backend: %s (%s)", name, reason)
     return name, reason
+
+
+# Device guard. Triton launches on the *current* CUDA/HIP device, not on the device of the
+# tensors it is given, so a model on cuda:1 with the current device left at 0 would launch its
+# kernels on the wrong GPU (an illegal address, or the launcher's device check falling back).
+
+
+def _cuda_index_of(args, kwargs):
+    """The CUDA device index of the first tensor argument, or None (not a CUDA tensor, or none)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.get_device() if a.is_cuda else None
+    for a in kwargs.values():
+        if isinstance(a, torch.Tensor):
+            return a.get_device() if a.is_cuda else None
+    return None
+
+
+def on_input_device(fn):
+    """`fn` wrapped to run under the CUDA device of its first tensor argument, when that is not
+    the current device. The common case (already current, or a CPU tensor in the interpreter)
+    costs a scan for the first tensor and, on CUDA, one current_device() call: about 1 us a call
+    on this project's CPU machine, nothing inside a replayed CUDA graph."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        index = _cuda_index_of(args, kwargs)
+        if index is None or index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(index):
+            return fn(*args, **kwargs)
+
+    return call

@@ -71,12 +71,50 @@ class Canny2Image:
                                  ddim_steps, guess_mode, strength, scale, seed, eta, progress)
         return [255 - detected_map] + samples
 
+    @torch.no_grad()
+    def process_batch(self, input_images, seeds, prompt, a_prompt, n_prompt, num_samples,
+                      image_resolution, ddim_steps, guess_mode, strength, scale, eta,
+                      low_threshold, high_threshold, progress=None):
+        """process() for several images in one model batch of len(images) * num_samples rows:
+        image i gets the edge map and the starting noise of process(..., seed=seeds[i], ...).
+
+        Needs eta == 0 (for eta > 0 the per-step noise is drawn for the whole batch, so it would
+        differ from one call per image) and images whose edge maps have one size. The images can
+        still differ from one process() call per image in the last bits of a pixel: matrix
+        kernels may sum in another order at another batch size. Returns one process() result per
+        image."""
+        if eta != 0:
+            raise InputError("process_batch needs eta == 0: for eta > 0 the per-step noise of a "
+                             "batch differs from one process() call per image")
+        maps, checked_seeds = [], []
+        for image, seed in zip(input_images, seeds, strict=True):
+            (image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
+             guess_mode, strength, scale, seed, eta, low_threshold, high_threshold) = self.check(
+                image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
+                guess_mode, strength, scale, seed, eta, low_threshold, high_threshold)
+            if seed == -1:
+                raise InputError("process_batch needs explicit seeds (not -1)")
+            img = resize_image(HWC3(image), image_resolution)
+            maps.append(HWC3(self.apply_canny(img, low_threshold, high_threshold)))
+            checked_seeds.append(seed)
+        if len({m.shape for m in maps}) > 1:
+            raise InputError(f"process_batch needs edge maps of one size, got "
+                             f"{sorted({m.shape[:2] for m in maps})}")
+        samples = self._generate(maps, prompt + ", " + a_prompt, n_prompt, num_samples,
+                                 ddim_steps, guess_mode, strength, scale, checked_seeds, eta,
+                                 progress)
+        n = int(num_samples)
+        return [[255 - m] + samples[i * n:(i + 1) * n] for i, m in enumerate(maps)]
+
     def _generate(self, detected_map, prompt, n_prompt, num_samples, ddim_steps, guess_mode,
                   strength, scale, seed, eta, progress):
         """Steps 3-9 of upstream's process() (spec §4.10), from the HxWx3 edge map and the joined
-        prompt to num_samples uint8 images."""
+        prompt to num_samples uint8 images.
+
+        detected_map and seed may be lists (process_batch): num_samples rows per map, each map's
+        rows starting from its own seed's noise, drawn as a call for that map alone draws it."""
         if self.fast is not None:
-            self.last_seed = seed
+            self.last_seed = seed[0] if isinstance(seed, list) else seed
             return self.fast.generate(detected_map, prompt, n_prompt, num_samples, ddim_steps,
                                       guess_mode, strength, scale, seed, eta, progress)
         fast_owner = owner(self.model)  # a fast-mode pipeline holds the model: its fp32 weights
@@ -87,19 +125,33 @@ class Canny2Image:
     def _reference(self, detected_map, prompt, n_prompt, num_samples, ddim_steps, guess_mode,
                    strength, scale, seed, eta, progress):
         model, device = self.model, self.model.device
-        H, W = detected_map.shape[:2]
+        maps = detected_map if isinstance(detected_map, list) else [detected_map]
+        seeds = seed if isinstance(seed, list) else [seed]
+        H, W = maps[0].shape[:2]
+        shape = (4, H // 8, W // 8)
+        batch = num_samples * len(maps)
 
-        control = torch.from_numpy(detected_map.copy()).float().to(device) / 255.0
-        control = torch.stack([control for _ in range(num_samples)], dim=0)
-        control = control.permute(0, 3, 1, 2).clone()
+        controls = []
+        for m in maps:
+            control = torch.from_numpy(m.copy()).float().to(device) / 255.0
+            control = torch.stack([control for _ in range(num_samples)], dim=0)
+            controls.append(control.permute(0, 3, 1, 2).clone())
+        control = controls[0] if len(maps) == 1 else torch.cat(controls)
 
-        self.last_seed = seed_everything(seed)
+        x_T = None   # one map: the sampler draws x_T after seeding, as upstream
+        if len(maps) > 1:
+            # each map's x_T as the sampler would draw it right after seeding with its seed
+            noise = []
+            for s in seeds:
+                seed_everything(s)
+                noise.append(torch.randn((num_samples, *shape), device=device))
+            x_T = torch.cat(noise)
+        self.last_seed = seed_everything(seeds[0]) if x_T is None else seeds[0]
 
         cond = {"c_concat": [control],
-                "c_crossattn": [model.get_learned_conditioning([prompt] * num_samples)]}
+                "c_crossattn": [model.get_learned_conditioning([prompt] * batch)]}
         un_cond = {"c_concat": None if guess_mode else [control],
-                   "c_crossattn": [model.get_learned_conditioning([n_prompt] * num_samples)]}
-        shape = (4, H // 8, W // 8)
+                   "c_crossattn": [model.get_learned_conditioning([n_prompt] * batch)]}
 
         model.control_scales = control_scales(strength, guess_mode)
         callback = None
@@ -110,11 +162,11 @@ class Canny2Image:
                 progress(i + 1, len(sampler.ddim_timesteps))
 
         samples, _ = self.ddim_sampler.sample(
-            ddim_steps, num_samples, shape, cond, verbose=False, eta=eta,
+            ddim_steps, batch, shape, cond, verbose=False, eta=eta,
             unconditional_guidance_scale=scale, unconditional_conditioning=un_cond,
-            callback=callback)
+            callback=callback, x_T=x_T)
 
         x_samples = model.decode_first_stage(samples)
         x_samples = (x_samples.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy()
         x_samples = x_samples.clip(0, 255).astype(np.uint8)
-        return [x_samples[i] for i in range(num_samples)]
+        return [x_samples[i] for i in range(batch)]

@@ -3,6 +3,7 @@
     canny2image photo.jpg --prompt "a house" --random-weights
     canny2image                      # the built-in sample picture (runtime/sample.py)
     canny2image folder/ --tiny       # every image in a folder, on the tiny smoke-test model
+    torchrun --standalone --nproc-per-node 4 -m runtime.cli folder/   # a folder on 4 GPUs
 
 Choices made here (upstream has no CLI):
 * --seed defaults to 12345, so two runs with the same flags give the same images; -1 draws a
@@ -14,7 +15,8 @@ Choices made here (upstream has no CLI):
   pipeline reduces to 8 bit by >> 8).
 * Random weights are said in every file name (`_random-weights`), in the PNG text chunk
   "weights" and in the final line: such images are noise, not results.
-Every error ends in one line on stderr and a non-zero exit status, without a traceback.
+Every error ends in one line on stderr and a non-zero exit status, without a traceback. A folder
+run goes on past a bad file and ends non-zero after the others (runtime/folder_job.py).
 """
 import argparse
 import logging
@@ -92,6 +94,16 @@ def parse_args(argv):
     p.add_argument("--outdir", default=os.path.join(".", "outputs"),
                    help="output folder (default ./outputs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="folders: run up to K images whose edge maps have one size as one model "
+                        "batch (K x --num-samples rows), for throughput. Each image keeps its "
+                        "seed's noise (needs --eta 0, else one at a time), but its pixels may "
+                        "differ by one level in a few places from a --batch-size 1 run "
+                        "(batch-size-dependent summation order); the same K gives the same "
+                        "bytes on any number of processes (default 1)")
+    p.add_argument("--wait-timeout", type=float, default=1800.0,
+                   help="under torchrun: how long rank 0 waits without news from any other rank "
+                        "before it gives up on them (seconds, default %(default)g)")
     return p.parse_args(argv)
 
 
@@ -178,13 +190,20 @@ def build_pipeline(args, device):
 
 
 def run(args):
+    from runtime import folder_job
     from runtime.canny2image import check_inputs
     from runtime.sample import SAMPLE_NAME, SAMPLE_PROMPT, sample_image
 
-    device = pick_device(args.device)
+    try:
+        ranks = folder_job.Ranks.from_env()
+        device = folder_job.rank_device(pick_device(args.device), ranks)
+    except folder_job.JobError as e:
+        raise CliError(str(e)) from None
     if args.mode is None:
         args.mode = "reference" if device.type == "cpu" else "fast"
     say = lambda msg: print(f"canny2image: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if ranks.rank != 0:   # under torchrun rank 0 speaks for the job; the others only fail loudly
+        say = lambda msg: None  # noqa: E731
     resolution, steps = args.image_resolution, args.ddim_steps
     cpu_choices = []
     if device.type == "cpu" and resolution is None:
@@ -195,28 +214,41 @@ def run(args):
         cpu_choices.append(f"--ddim-steps {CPU_STEPS} (upstream: {DEFAULT_STEPS})")
     resolution = DEFAULT_RESOLUTION if resolution is None else resolution
     steps = DEFAULT_STEPS if steps is None else steps
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not args.wait_timeout > 0:
+        raise CliError(f"--wait-timeout must be a positive number of seconds, got "
+                       f"{args.wait_timeout}")
 
+    folder = args.input is not None and os.path.isdir(args.input)
     if args.input is None:
-        inputs = [(SAMPLE_NAME, None)]
         prompt = SAMPLE_PROMPT if args.prompt is None else args.prompt
     else:
-        inputs = list_inputs(args.input)
         prompt = "" if args.prompt is None else args.prompt
-
-    # Read and check everything before the (slow) model build.
-    jobs = []
-    for name, path in inputs:
-        image = sample_image() if path is None else read_image(path)
-        params = dict(prompt=prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt,
-                      num_samples=args.num_samples, image_resolution=resolution,
-                      ddim_steps=steps, guess_mode=args.guess_mode, strength=args.strength,
-                      scale=args.scale, seed=args.seed, eta=args.eta,
-                      low_threshold=args.low_threshold, high_threshold=args.high_threshold)
+    params = dict(prompt=prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt,
+                  num_samples=args.num_samples, image_resolution=resolution,
+                  ddim_steps=steps, guess_mode=args.guess_mode, strength=args.strength,
+                  scale=args.scale, eta=args.eta,
+                  low_threshold=args.low_threshold, high_threshold=args.high_threshold)
+    # Check everything that can be checked before the (slow) model build: the settings (on a
+    # stand-in image) for a folder, whose files are read one by one as they are processed; the
+    # image itself for one file.
+    if folder:
         try:
-            check_inputs(image, **params)
+            check_inputs(np.zeros((64, 64), np.uint8), seed=args.seed, **params)
+        except InputError as e:
+            raise CliError(str(e)) from None
+        single = None
+    else:
+        name, path = (SAMPLE_NAME, None) if args.input is None else list_inputs(args.input)[0]
+        image = sample_image() if path is None else read_image(path)
+        try:
+            check_inputs(image, seed=args.seed, **params)
         except InputError as e:
             raise CliError(f"{path or 'sample image'}: {e}") from None
-        jobs.append((name, path, image, params))
+        single = (name, path, image)
+        if ranks.rank != 0:
+            return   # one input: rank 0 does it
     if not (args.tiny or args.random_weights):
         from cldm.model import DEFAULT_CHECKPOINT, missing_checkpoint_message
         ckpt = args.ckpt or DEFAULT_CHECKPOINT
@@ -227,6 +259,17 @@ def run(args):
         os.makedirs(args.outdir, exist_ok=True)
     except OSError as e:
         raise CliError(f"--outdir {args.outdir}: cannot create it ({e.strerror or e})") from None
+    if folder:
+        try:
+            tasks, parts = folder_job.start(
+                ranks, args.outdir, lambda: folder_job.plan(list_inputs(args.input), args.seed))
+        except folder_job.JobError as e:
+            raise CliError(str(e)) from None
+        if ranks.world > 1:
+            say(f"{len(tasks)} files on {ranks.world} processes")
+        if args.batch_size > 1 and args.eta != 0:
+            say(f"--batch-size {args.batch_size} needs --eta 0 (per-step noise would differ "
+                f"from one image at a time): running one image at a time")
 
     if cpu_choices:
         say(f"no accelerator, so a shorter CPU run: {' and '.join(cpu_choices)}; pass the flags "
@@ -243,32 +286,46 @@ def run(args):
                     if random_weights else f"checkpoint {args.ckpt or 'default'}")
     tag = "_random-weights" if random_weights else ""
 
-    written = []
-    for name, path, image, params in jobs:
+    def png_text(source, seed):
+        return {"Software": "controlnet-fast canny2image", "weights": weights_text,
+                "source": source or "built-in sample", "seed": str(seed), "mode": args.mode,
+                **{k: str(v) for k, v in params.items()}}
+
+    if folder:
+        settings = folder_job.Settings(outdir=args.outdir, params=params,
+                                       batch_size=args.batch_size, tag=tag, text=png_text,
+                                       quiet=args.quiet, wait_timeout=args.wait_timeout)
+        records = folder_job.run(tasks, parts, pipeline, settings, ranks, read=read_image,
+                                 write=write_png, expected=(CliError, InputError), say=say)
+        if ranks.rank != 0:
+            return
+        written = [os.path.join(args.outdir, f) for r in records for f in r["outputs"]]
+        failed = folder_job.failure_message(records, args.outdir)
+    else:
+        name, path, image = single
         t0 = time.perf_counter()
         bar = None if args.quiet else _progress_bar(name)
         try:
-            results = pipeline.process(image, progress=bar, **params)
+            results = pipeline.process(image, seed=args.seed, progress=bar, **params)
         finally:
             if bar is not None:
                 bar.close()
         seed = pipeline.last_seed
-        text = {"Software": "controlnet-fast canny2image", "weights": weights_text,
-                "source": path or "built-in sample", "seed": str(seed), "mode": args.mode,
-                **{k: str(v) for k, v in params.items() if k != "seed"}}
-        files = [os.path.join(args.outdir, f"{name}_edges.png")]
-        files += [os.path.join(args.outdir, f"{name}_{i}_seed{seed}{tag}.png")
-                  for i in range(len(results) - 1)]
-        for file, result in zip(files, results):
-            write_png(file, result, text)
+        task = folder_job.Task(0, name, path, seed)
+        written = [os.path.join(args.outdir, f)
+                   for f in folder_job.output_names(task, len(results), tag)]
+        for file, result in zip(written, results):
+            write_png(file, result, png_text(path, seed))
         h, w = results[0].shape[:2]
         say(f"{path or 'sample image'}: {w}x{h}, seed {seed}, {time.perf_counter() - t0:.1f} s")
-        written += files
+        failed = None
     note = " (RANDOM WEIGHTS: the images are noise)" if random_weights else ""
     shown = ", ".join(os.path.basename(f) for f in written[:4]) + (
         f", ... ({len(written)} files)" if len(written) > 4 else "")
     print(f"canny2image: wrote {len(written)} PNGs to {os.path.abspath(args.outdir)}: "
           f"{shown}{note}", flush=True)
+    if failed:
+        raise CliError(failed)
 
 
 def _progress_bar(name):

@@ -195,18 +195,30 @@ class FastRunner:
     def generate(self, detected_map, prompt, n_prompt, num_samples, ddim_steps, guess_mode,
                  strength, scale, seed, eta, callback=None):
         """detected_map (HxWx3 uint8 edge map, already through HWC3), prompt (already joined with
-        a_prompt) -> a list of num_samples uint8 images."""
+        a_prompt) -> a list of num_samples uint8 images.
+
+        detected_map and seed may be lists of one length (edge maps of one size): one batch of
+        num_samples rows per map, each map's rows starting from its own seed's noise."""
         t0 = time.perf_counter()
-        H, W = detected_map.shape[:2]
-        B = int(num_samples)
-        hint = torch.from_numpy(detected_map.copy()).float().to(self.device) / 255.0
-        hint = hint.permute(2, 0, 1)[None]                       # one copy; rows are identical
-        seed_everything(seed)
+        maps = detected_map if isinstance(detected_map, list) else [detected_map]
+        seeds = seed if isinstance(seed, list) else [seed]
+        H, W = maps[0].shape[:2]
+        n = int(num_samples)
+        B = n * len(maps)
+        hints = [torch.from_numpy(m.copy()).float().to(self.device).permute(2, 0, 1) / 255.0
+                 for m in maps]
+        # one map: one hint row (its rows are identical); several: num_samples rows per map
+        hint = hints[0][None] if len(maps) == 1 else torch.stack(hints).repeat_interleave(n, 0)
         # One CLIP call for both prompts (rows are independent), expanded to the batch.
         ctx = self.model.get_learned_conditioning([prompt, n_prompt])
         ctx_c = ctx[0:1].expand(B, -1, -1).contiguous()
         ctx_u = ctx[1:2].expand(B, -1, -1).contiguous()
-        x_T = torch.randn((B, 4, H // 8, W // 8), device=self.device)
+        # x_T as the reference sampler draws it: seed_everything, then randn (CLIP draws nothing)
+        noise = []
+        for s in seeds:
+            seed_everything(s)
+            noise.append(torch.randn((n, 4, H // 8, W // 8), device=self.device))
+        x_T = torch.cat(noise)
         z, info = self.sample(hint, ctx_c, ctx_u, x_T, ddim_steps, guess_mode, strength, scale,
                               eta, callback)
         if info["nonfinite"]:

@@ -58,7 +58,7 @@ def test_folder_input_and_sixteen_bit(images, tmp_path, capsys):
     assert code == 0, err
     assert sorted(os.listdir(outdir)) == [
         "box_0_seed12345_random-weights.png", "box_edges.png",
-        "deep_0_seed12345_random-weights.png", "deep_edges.png"]
+        "deep_0_seed12345_random-weights.png", "deep_edges.png", "manifest.json"]
     assert "4 PNGs" in out.strip().splitlines()[-1]
     # the 16-bit gray input was reduced by >> 8: same edges as the 8-bit red channel
     expected = 255 - cv2.Canny(cv2.resize(
