@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU session of checks and measurements, as run on the device machine (H200) for the README:
+#   1. the GPU tests (tests marked `gpu`: kernels at every real shape, fast mode graph == eager, ...)
+#   2. bench_pipeline.py: reference, full fast mode without and with the fusions, side by side
+#      with the previous commit's fast mode (PREV_TREE: an exported tree of that commit)
+# Usage: OUT=results_dir PREV_TREE=path PREV_COMMIT=sha bash benchmarks/gpu_session.sh
+# Wheels the GPU machine lacks (omegaconf, open_clip_torch, ftfy, wcwidth) are installed from
+# ./.whl when that folder exists.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:?set OUT}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/kernels tests/runtime 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+
+python3 benchmarks/bench_pipeline.py --sizes 512 256 --batches 1 4 --repeats 5 --ref-repeats 2 \
+  --warmup 1 --rows reference +cuda_graph +fusions --out "$OUT" --tag "${TAG:-h200}" \
+  2>&1 | tee "$OUT/bench.log" | grep -v " INFO " | tail -20
+if [ -n "${PREV_TREE:-}" ]; then
+  (cd "$PREV_TREE" && GIT_COMMIT=${PREV_COMMIT:-prev} python3 benchmarks/bench_pipeline.py \
+    --sizes 512 256 --batches 1 4 --repeats 5 --warmup 1 --rows +cuda_graph --no-eps-error \
+    --out "$OUT" --tag "${TAG:-h200}_prev" 2>&1 | tee "$OUT/bench_prev.log" | grep -v " INFO " | tail -8)
+fi
