@@ -13,6 +13,7 @@ import torch
 from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.ddim_hacked import DDIMSampler
+from runtime import lowvram
 from runtime.errors import InputError
 from runtime.inputs import (MAX_PROMPT_CHARS, MODES, check_inputs, control_scales,  # noqa: F401
                             resized_shape, to_uint8_image)
@@ -77,12 +78,14 @@ class Canny2Image:
 
         self.last_seed = seed_everything(seed)
 
+        lowvram.shift(model, is_diffusing=False)
         cond = {"c_concat": [control],
                 "c_crossattn": [model.get_learned_conditioning([prompt] * num_samples)]}
         un_cond = {"c_concat": None if guess_mode else [control],
                    "c_crossattn": [model.get_learned_conditioning([n_prompt] * num_samples)]}
         shape = (4, H // 8, W // 8)
 
+        lowvram.shift(model, is_diffusing=True)
         model.control_scales = control_scales(strength, guess_mode)
         callback = None
         if progress is not None:
@@ -96,6 +99,7 @@ class Canny2Image:
             unconditional_guidance_scale=scale, unconditional_conditioning=un_cond,
             callback=callback)
 
+        lowvram.shift(model, is_diffusing=False)
         x_samples = model.decode_first_stage(samples)
         x_samples = (x_samples.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy()
         x_samples = x_samples.clip(0, 255).astype(np.uint8)
