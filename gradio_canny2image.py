@@ -368,6 +368,9 @@ def parse_args(argv=None):
                         "Default: fast on a GPU when this build has it, else reference")
     p.add_argument("--tiny", action="store_true",
                    help="tiny model (models/cldm_tiny.yaml) with random weights: a quick smoke run")
+    p.add_argument("--low-vram", action="store_true",
+                   help="upstream's config.save_memory: sliced attention, and the UNet/ControlNet "
+                        "and the VAE/CLIP take turns on the GPU (runtime/lowvram.py)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true",
                    help="bind 0.0.0.0 (reachable from other machines); default 127.0.0.1 only")
@@ -401,8 +404,10 @@ def _pipeline(model, mode, requested):
 
 def build_pipelines(args):
     """The pipelines (one per device) and the banner to show, from the parsed flags."""
+    from runtime import lowvram
     from runtime.weights import build_model
 
+    lowvram.configure(getattr(args, "low_vram", False))     # before the model is built
     devices = _devices(args.device)
     on_gpu = devices[0].startswith("cuda")
     mode = args.mode or ("fast" if on_gpu else "reference")

@@ -89,6 +89,9 @@ def parse_args(argv):
     p.add_argument("--mode", choices=("reference", "fast"), default=None,
                    help="reference: upstream-exact fp32; fast: fp16, batched guidance, kernels, "
                         "CUDA/HIP graph (runtime/fast.py). Default: fast on a GPU, else reference")
+    p.add_argument("--low-vram", action="store_true",
+                   help="upstream's config.save_memory: sliced attention, and the UNet/ControlNet "
+                        "and the VAE/CLIP take turns on the GPU (runtime/lowvram.py)")
     p.add_argument("--outdir", default=os.path.join(".", "outputs"),
                    help="output folder (default ./outputs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -164,9 +167,11 @@ def write_png(path, image, text):
 
 def build_pipeline(args, device):
     from cldm.model import CheckpointError
+    from runtime import lowvram
     from runtime.canny2image import Canny2Image
     from runtime.weights import build_model
 
+    lowvram.configure(getattr(args, "low_vram", False))     # before the model is built
     config = CONFIG_TINY if args.tiny else CONFIG_FULL
     random_weights = args.tiny or args.random_weights
     try:

@@ -364,6 +364,28 @@ def test_flags(built, tmp_path):
     assert (args.port, args.listen, args.share, args.device) == (7860, False, False, "auto")
 
 
+def test_low_vram_flag_sets_save_memory_before_the_build(built, monkeypatch):
+    import config
+    import runtime.weights
+    from cldm.hack import disable_sliced_attention, sliced_attention_enabled
+
+    recorder = runtime.weights.build_model
+    seen = []
+
+    def build_model(*args, **kwargs):
+        seen.append((config.save_memory, sliced_attention_enabled()))
+        return recorder(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.weights, "build_model", build_model)
+    try:
+        built("--tiny")
+        built("--tiny", "--low-vram")
+    finally:
+        config.save_memory = False
+        disable_sliced_attention()
+    assert seen == [(False, False), (True, True)]
+
+
 def test_command_line_smoke_run(tmp_path):
     """`python gradio_canny2image.py --tiny --port P` serves the page on 127.0.0.1 only."""
     import subprocess
