@@ -17,6 +17,7 @@ from runtime import lowvram
 from runtime.errors import InputError
 from runtime.inputs import (MAX_PROMPT_CHARS, MODES, check_inputs, control_scales,  # noqa: F401
                             resized_shape, to_uint8_image)
+from runtime.prompt_cache import PromptCache
 from runtime.seed import seed_everything
 
 
@@ -36,6 +37,7 @@ class Canny2Image:
         self.apply_canny = CannyDetector()
         self.ddim_sampler = DDIMSampler(model)
         self.last_seed = None
+        self.prompts = PromptCache()      # CLIP results of recent prompts (bit-identical)
 
     def check(self, *args, **kwargs):
         """check_inputs(...) for this pipeline (the same checks for every mode)."""
@@ -80,9 +82,9 @@ class Canny2Image:
 
         lowvram.shift(model, is_diffusing=False)
         cond = {"c_concat": [control],
-                "c_crossattn": [model.get_learned_conditioning([prompt] * num_samples)]}
+                "c_crossattn": [self.prompts.encode(model, [prompt] * num_samples)]}
         un_cond = {"c_concat": None if guess_mode else [control],
-                   "c_crossattn": [model.get_learned_conditioning([n_prompt] * num_samples)]}
+                   "c_crossattn": [self.prompts.encode(model, [n_prompt] * num_samples)]}
         shape = (4, H // 8, W // 8)
 
         lowvram.shift(model, is_diffusing=True)
