@@ -27,7 +27,8 @@ def encoder_fingerprint(encoder):
     """A value that changes whenever `encoder`'s weights or forwards (could) have changed."""
     tensors = [*encoder.parameters(), *encoder.buffers()]
     floats = [t.detach() for t in tensors if t.is_floating_point()]
-    norms = torch.stack(torch._foreach_norm(floats, 2, dtype=torch.float64)).tolist() if floats else []
+    norms = (torch.stack(torch._foreach_norm(floats, 2, dtype=torch.float64)).tolist()
+             if floats else [])
     return (tuple((id(t), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors),
             tuple(norms), tuple(id(m.__dict__.get("forward")) for m in encoder.modules()))
 
