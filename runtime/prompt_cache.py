@@ -7,9 +7,11 @@ copies is encoded as a batch, as without the cache) and by a fingerprint of the 
 that changes whenever its output could:
 * each parameter and buffer: identity, version counter (every in-place write: load_state_dict,
   copy_, random_weights_), dtype, device and shape;
-* the L2 norm (in float64) of each floating tensor: conversions (.half(), .to(...)) swap a tensor's
-  data without touching its version, and a round trip through float16 changes values but
-  neither dtype nor device (one fused reduction, ~0.5 GB read at SD1.5 size: ~0.1 ms on a GPU);
+* the L2 norm (in float64) of each floating tensor: conversions (.half(), .to(...)) swap a
+  tensor's data without touching its version, a round trip through float16 changes values but
+  neither dtype nor device, and writes through `.data` bump no version (one fused reduction
+  reading every weight, ~0.5 GB at SD1.5 size: ~0.1 ms on a GPU, a few 100 ms on two CPU cores,
+  where CLIP itself takes seconds);
 * each submodule's instance-level forward (kernels.patch replaces those).
 Moves keep values and version: after low-VRAM mode's shifts (to the CPU and back) it still hits.
 Anything else that could change the outputs without changing these (a tensor's `.data` swapped

@@ -82,25 +82,28 @@ def test_new_weights_invalidate(model):
         model.cond_stage_model.transformer.text_model.embeddings.token_embedding.weight[0] += 1
     cache.encode(model, texts)
     assert runs.calls == 3
+    # a write through .data (bumps no version counter)
+    model.cond_stage_model.transformer.text_model.final_layer_norm.bias.data.add_(0.25)
+    assert torch.equal(cache.encode(model, texts), fresh(model, texts)) and runs.calls == 4
     # a parameter replaced by a new one
     layer_norm = model.cond_stage_model.transformer.text_model.final_layer_norm
     layer_norm.weight = torch.nn.Parameter(layer_norm.weight.detach() * 0.5, requires_grad=False)
-    assert torch.equal(cache.encode(model, texts), fresh(model, texts)) and runs.calls == 4
+    assert torch.equal(cache.encode(model, texts), fresh(model, texts)) and runs.calls == 5
     # a dtype change, and back
     model.cond_stage_model.double()
-    assert cache.encode(model, texts).dtype == torch.float64 and runs.calls == 5
+    assert cache.encode(model, texts).dtype == torch.float64 and runs.calls == 6
     model.cond_stage_model.float()     # float32 -> float64 -> float32 is exact: a hit is right
-    assert torch.equal(cache.encode(model, texts), fresh(model, texts)) and runs.calls == 5
+    assert torch.equal(cache.encode(model, texts), fresh(model, texts)) and runs.calls == 6
     # through float16 and back: same dtype, device and versions, other values
     model.cond_stage_model.half().float()
-    assert torch.equal(cache.encode(model, texts), fresh(model, texts)) and runs.calls == 6
+    assert torch.equal(cache.encode(model, texts), fresh(model, texts)) and runs.calls == 7
     cache.encode(model, texts)
-    assert runs.calls == 6
+    assert runs.calls == 7
     # weights elsewhere in the model do not touch CLIP's results: still a hit
     with torch.no_grad():
         next(model.model.parameters()).mul_(2)
     cache.encode(model, texts)
-    assert runs.calls == 6
+    assert runs.calls == 7
 
 
 def test_a_replaced_text_encoder_or_patched_forward_misses(model):
