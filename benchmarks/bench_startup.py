@@ -6,8 +6,8 @@ Each configuration runs in its own subprocess, started the way the CLI builds it
     model build, the first request with its kernel compilation and graph capture);
   * the model build alone and the first request alone;
   * steady-state latency of process() (median of --repeats requests after the first);
-  * peak GPU memory (torch.cuda.max_memory_allocated): over a steady request, and over the whole
-    process (build and first request included); max_memory_reserved beside it;
+  * peak GPU memory (torch.cuda.max_memory_allocated): over a steady request, over the whole
+    process (build and first request included), and after / at most during the model build;
   * a digest of the images, so configurations that must agree bit for bit can be compared
     (reference vs reference low-VRAM; a cold vs a warm launch).
 
@@ -77,6 +77,10 @@ def child(spec):
     record["build_peak_gib"] = gib(torch.cuda.max_memory_allocated()) if cuda else None
     image = sample_image(spec["size"], spec["size"])
     rows = []
+    process_peak = 0           # the allocator's peak is reset per steady request: keep the max
+
+    def peak_so_far():
+        return max(process_peak, torch.cuda.max_memory_allocated()) if cuda else 0
     for batch in spec["batches"]:
         params = dict(prompt="a house under the sun", a_prompt="best quality, extremely detailed",
                       n_prompt="lowres, bad anatomy, worst quality", num_samples=batch,
@@ -90,6 +94,7 @@ def child(spec):
         if "first_image_s" not in record:
             record["first_image_s"] = time.time() - spawned
         steady = []
+        process_peak = peak_so_far()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(spec["repeats"]):
@@ -99,7 +104,6 @@ def child(spec):
             steady.append(time.perf_counter() - start)
         if cuda:
             row["steady_peak_gib"] = gib(torch.cuda.max_memory_allocated())
-            row["process_peak_gib"] = None          # filled below, over everything so far
         row["steady_ms"] = 1e3 * float(np.median(steady)) if steady else None
         row["steady_n"] = len(steady)
         row["repeatable"] = all(np.array_equal(a, b) for a, b in zip(images, again)) if steady \
@@ -108,11 +112,8 @@ def child(spec):
                                                 for i in images)).hexdigest()[:16]
         rows.append(row)
     if cuda:
-        # max over the process: the statistics were reset per batch, so read the all-time
-        # figures from the allocator's own counters
-        stats = torch.cuda.memory_stats()
-        record["process_peak_gib"] = gib(stats.get("allocated_bytes.all.peak", 0))
-        record["process_reserved_gib"] = gib(torch.cuda.max_memory_reserved())
+        record["process_peak_gib"] = gib(peak_so_far())
+        record["reserved_at_end_gib"] = gib(torch.cuda.memory_reserved())
     record["rows"] = rows
     record["pipeline_mode"] = getattr(pipe, "mode", None)
     print(MARK + json.dumps(record), flush=True)
@@ -199,6 +200,12 @@ def compare(records):
     return checks
 
 
+def build_mem(record):
+    if record.get("after_build_gib") is None:
+        return "–"
+    return f"{record['after_build_gib']:.2f} ({record['build_peak_gib']:.2f})"
+
+
 def markdown(env, args, records, checks):
     f = lambda v, fmt: "–" if v is None else fmt.format(v)  # noqa: E731
     lines = [f"# canny2image start-up and memory — {env['device']}", "",
@@ -212,7 +219,7 @@ def markdown(env, args, records, checks):
              "Peak = max_memory_allocated over one steady request; process peak includes the "
              "build and the first request.", "",
              "| mode | launch | batch | first image s | build s | first request s | steady ms | "
-             "peak GiB | process peak GiB | after build GiB | repeatable | digest |",
+             "peak GiB | process peak GiB | build GiB (peak) | repeatable | digest |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
@@ -226,7 +233,7 @@ def markdown(env, args, records, checks):
                 f"{f(r['build_s'], '{:.1f}') if i == 0 else ''} | {row['first_request_s']:.2f} | "
                 f"{f(row['steady_ms'], '{:.0f}')} | {f(row.get('steady_peak_gib'), '{:.2f}')} | "
                 f"{f(r.get('process_peak_gib'), '{:.2f}') if i == 0 else ''} | "
-                f"{f(r.get('after_build_gib'), '{:.2f}') if i == 0 else ''} | "
+                f"{build_mem(r) if i == 0 else ''} | "
                 f"{f(row['repeatable'], '{}')} | `{row['digest']}` |")
     if checks:
         lines += ["", "| same images? | batch | identical |", "|---|---|---|"]

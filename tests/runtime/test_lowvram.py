@@ -169,3 +169,35 @@ def test_process_shifts_where_upstream_does(model, image, save_memory):
     with_shifts = [("shift", False), "clip", "clip", ("shift", True), "unet", "unet",
                    ("shift", False), "vae"]
     assert events == with_shifts + ["clip", "clip", "unet", "unet", "vae"]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_shifts_move_the_networks_and_change_no_bit(image, save_memory):
+    """Real moves between host and GPU: placement after each shift, and the images of low-VRAM
+    mode equal those of sliced attention without shifting (the shifts are numerically neutral);
+    sliced vs unsliced attention agree closely (a BLAS may order a single matrix differently)."""
+    from runtime.weights import build_model
+    gpu = torch.device("cuda")
+    model = build_model(TINY_CONFIG, random_weights=True, seed=0, device="cuda")
+
+    def devices():
+        return {name: {p.device.type for p in child.parameters()}
+                for name, child in model.named_children()}
+    assert devices() == {"model": {"cpu"}, "control_model": {"cpu"},
+                         "first_stage_model": {"cuda"}, "cond_stage_model": {"cuda"}}
+    model.low_vram_shift(is_diffusing=True)
+    assert devices() == {"model": {"cuda"}, "control_model": {"cuda"},
+                         "first_stage_model": {"cpu"}, "cond_stage_model": {"cpu"}}
+    assert model.device == model.betas.device and model.betas.device.type == gpu.type
+    low = Canny2Image(model).process(image, **PARAMS)
+    assert devices()["first_stage_model"] == {"cuda"} and devices()["model"] == {"cpu"}
+
+    config.save_memory = False                  # sliced attention stays on: no shifts only
+    model.to(gpu)
+    sliced = Canny2Image(model).process(image, **PARAMS)
+    for a, b in zip(low, sliced):
+        np.testing.assert_array_equal(a, b)
+    disable_sliced_attention()
+    plain = Canny2Image(model).process(image, **PARAMS)
+    for a, b in zip(plain[1:], sliced[1:]):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
