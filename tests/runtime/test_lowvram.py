@@ -201,3 +201,18 @@ def test_on_a_gpu_the_shifts_move_the_networks_and_change_no_bit(image, save_mem
     plain = Canny2Image(model).process(image, **PARAMS)
     for a, b in zip(plain[1:], sliced[1:]):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_share_switches_on_sliced_attention_only_under_save_memory():
+    import importlib
+
+    import share
+    try:
+        importlib.reload(share)
+        assert not sliced_attention_enabled()
+        config.save_memory = True
+        importlib.reload(share)                 # upstream's import-time switch
+        assert sliced_attention_enabled()
+    finally:
+        config.save_memory = False
+        disable_sliced_attention()
