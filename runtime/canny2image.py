@@ -29,6 +29,11 @@ class Canny2Image:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         # HOOK (fast mode): runtime/fast.py's runner (fp16 copies, graphs) serves `_generate`.
         self.fast = None
+        if mode == "fast" and lowvram.enabled():
+            # build_model left the UNet and ControlNet in host memory for low_vram_shift; fast
+            # mode must instead keep its own copies resident (runtime/lowvram.py): not wired yet.
+            raise NotImplementedError("fast mode does not run under low-VRAM mode yet: use "
+                                      "--mode reference with --low-vram")
         if mode == "fast":
             from runtime.fast import FastRunner
             self.fast = FastRunner(model)

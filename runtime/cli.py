@@ -191,7 +191,8 @@ def run(args):
 
     device = pick_device(args.device)
     if args.mode is None:
-        args.mode = "reference" if device.type == "cpu" else "fast"
+        # low-VRAM: reference until fast mode keeps its networks resident (runtime/lowvram.py)
+        args.mode = "reference" if device.type == "cpu" or args.low_vram else "fast"
     say = lambda msg: print(f"canny2image: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     resolution, steps = args.image_resolution, args.ddim_steps
     cpu_choices = []

@@ -216,3 +216,8 @@ def test_share_switches_on_sliced_attention_only_under_save_memory():
     finally:
         config.save_memory = False
         disable_sliced_attention()
+
+
+def test_fast_mode_refuses_low_vram_until_it_is_wired(model, save_memory):
+    with pytest.raises(NotImplementedError, match="--mode reference with --low-vram"):
+        Canny2Image(model, mode="fast")
