@@ -23,6 +23,11 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import queue  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -221,10 +226,12 @@ def _device_of(pipeline):
 def make_process(pipelines):
     """The function the Run button calls: the 14 UI inputs → gallery images, or a gr.Error."""
     pool = _PipelinePool(pipelines)
+    infos = RequestInfos()
 
     def process(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
                 ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold, high_threshold,
-                progress=gr.Progress()):
+                progress=gr.Progress(), request: gr.Request = None):
+        start = time.perf_counter()
         try:
             img, args = check_inputs(input_image, prompt, a_prompt, n_prompt, num_samples,
                                      image_resolution, ddim_steps, guess_mode, strength, scale,
@@ -242,7 +249,10 @@ def make_process(pipelines):
             device = _device_of(pipeline)
             with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
                 progress((0, args["ddim_steps"]), desc="DDIM sampling", unit="steps")
-                return pipeline.process(img, progress=on_step, **args)
+                images = pipeline.process(img, progress=on_step, **args)
+            paths = save_results(images)
+            infos.put(request, describe_request(pipeline, images, time.perf_counter() - start))
+            return paths
         except gr.Error:
             raise
         except torch.cuda.OutOfMemoryError:
@@ -267,7 +277,101 @@ def make_process(pipelines):
             torch.cuda.empty_cache()
             raise gr.Error(OOM_MESSAGE, print_exception=False)
 
+    process.infos = infos
     return process, pool.size
+
+
+# ---------------------------------------------------------------------------------------------
+# Results, the line under the gallery, warm-up
+# ---------------------------------------------------------------------------------------------
+
+# zlib level 1 instead of PIL's default 6: a 512² photo-like image encodes ~5x faster (77 vs
+# 412 ms on a busy 2-core CPU) for a ~30 % larger file, and lossless all the same. The files go
+# straight into Gradio's cache folder, so Gradio neither re-encodes, hashes nor copies them.
+PNG_COMPRESS_LEVEL = 1
+_SAVERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="png")   # zlib releases the GIL
+
+
+def save_results(images, folder=None):
+    """Write the gallery's images as PNGs into a new folder of Gradio's cache; their paths."""
+    folder = os.path.join(folder or gr.utils.get_upload_folder(), "results", uuid.uuid4().hex)
+    os.makedirs(folder)
+
+    def save(item):
+        index, image = item
+        path = os.path.join(folder, f"{index}.png")
+        PIL.Image.fromarray(np.asarray(image)).save(path, compress_level=PNG_COMPRESS_LEVEL)
+        return path
+    return list(_SAVERS.map(save, enumerate(images)))
+
+
+def describe_device(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return "CPU"
+
+
+def describe_request(pipeline, images, seconds):
+    """The line under the gallery: how long the request took, where and in which mode."""
+    from runtime import lowvram
+
+    samples = max(len(images) - 1, 0)              # the first image is the edge map
+    height, width = np.asarray(images[0]).shape[:2] if images else (0, 0)
+    mode = getattr(pipeline, "mode", "?") + (", low-VRAM" if lowvram.enabled() else "")
+    return (f"{samples} image{'s' if samples != 1 else ''} at {width}×{height} in "
+            f"{seconds:.2f} s · {describe_device(_device_of(pipeline))} · {mode} mode")
+
+
+class RequestInfos:
+    """The last request's line per browser session, for the event that shows it."""
+    MAX_SESSIONS = 256           # API clients never fetch theirs: keep only the newest
+
+    def __init__(self):
+        self._lines, self._lock = OrderedDict(), threading.Lock()
+
+    def put(self, request, line):
+        with self._lock:
+            self._lines[getattr(request, "session_hash", None)] = line
+            while len(self._lines) > self.MAX_SESSIONS:
+                self._lines.popitem(last=False)
+
+    def pop(self, request: gr.Request = None):
+        with self._lock:
+            return self._lines.pop(getattr(request, "session_hash", None), "")
+
+
+def warm_up(pipelines, resolution=512, steps=20):
+    """One request of the default shape (512², 1 image, 20 steps) per GPU pipeline, all at once
+    (a thread each): kernels compile and graphs are captured now, so the first user request is
+    as fast as the second. Pipelines on the CPU have nothing to warm up."""
+    from runtime.sample import sample_image
+
+    todo = [p for p in pipelines if _device_of(p).type != "cpu"]
+    if not todo:
+        return 0.0
+    start = time.perf_counter()
+    image = sample_image(resolution, resolution)
+    log.info("warming up %d pipeline(s): %dx%d, 1 image, %d steps (compiles kernels, captures "
+             "graphs) ...", len(todo), resolution, resolution, steps)
+
+    def one(pipeline):
+        device = _device_of(pipeline)
+
+        def progress(done, total):
+            if done == 1 or done == total:
+                log.info("warm-up on %s: step %d/%d at %.1f s", device, done, total,
+                         time.perf_counter() - start)
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            pipeline.process(image, prompt="", a_prompt=A_PROMPT, n_prompt=N_PROMPT,
+                             num_samples=1, image_resolution=resolution, ddim_steps=steps,
+                             guess_mode=False, strength=1.0, scale=9.0, seed=0, eta=0.0,
+                             low_threshold=100, high_threshold=200, progress=progress)
+    with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+        list(pool.map(one, todo))
+    seconds = time.perf_counter() - start
+    log.info("warm-up done in %.1f s: ready", seconds)
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,11 +429,13 @@ def create_demo(pipeline, banner=None):
                 result_gallery = gr.Gallery(label="Output", show_label=False, elem_id="gallery",
                                             columns=2, height="max-content", object_fit="contain",
                                             format="png")
+                result_info = gr.Markdown(elem_id="request-info")
         inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
                   ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold,
                   high_threshold]
         run_button.click(fn=process, inputs=inputs, outputs=[result_gallery],
-                         api_name="process")
+                         api_name="process").then(fn=process.infos.pop, outputs=[result_info],
+                                                  api_visibility="private")
     demo.queue(default_concurrency_limit=workers)
     return demo
 
@@ -368,6 +474,12 @@ def parse_args(argv=None):
                         "Default: fast on a GPU when this build has it, else reference")
     p.add_argument("--tiny", action="store_true",
                    help="tiny model (models/cldm_tiny.yaml) with random weights: a quick smoke run")
+    p.add_argument("--low-vram", action="store_true",
+                   help="upstream's config.save_memory: sliced attention, and the UNet/ControlNet "
+                        "and the VAE/CLIP take turns on the GPU (runtime/lowvram.py)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the start-up request of the default shape on each GPU (then the "
+                        "first request pays for compiling kernels and capturing graphs)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true",
                    help="bind 0.0.0.0 (reachable from other machines); default 127.0.0.1 only")
@@ -401,8 +513,10 @@ def _pipeline(model, mode, requested):
 
 def build_pipelines(args):
     """The pipelines (one per device) and the banner to show, from the parsed flags."""
+    from runtime import lowvram
     from runtime.weights import build_model
 
+    lowvram.configure(getattr(args, "low_vram", False))     # before the model is built
     devices = _devices(args.device)
     on_gpu = devices[0].startswith("cuda")
     mode = args.mode or ("fast" if on_gpu else "reference")
@@ -445,6 +559,8 @@ def main(argv=None):
         pipelines, banner = build_pipelines(args)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
+    if not args.no_warmup:
+        warm_up(pipelines)
     demo = create_demo(pipelines, banner=banner)
     demo.launch(server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port,
                 share=args.share)

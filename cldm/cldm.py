@@ -164,6 +164,18 @@ class ControlLDM(LatentDiffusion):
             x=x_noisy, timesteps=t, context=cond_txt, control=control, only_mid_control=self.only_mid_control
         )
 
+    def low_vram_shift(self, is_diffusing):
+        """Upstream's save_memory placement: while diffusing, the UNet (`model`) and the ControlNet
+        on the model's device and the VAE and CLIP in host memory; otherwise the reverse. The
+        model's device (its schedule buffers, `device`) stays put, so noise and inputs are made
+        where they would be without the shift."""
+        device, host = self.device, torch.device("cpu")
+        diffusion, other = (device, host) if is_diffusing else (host, device)
+        self.model = self.model.to(diffusion)
+        self.control_model = self.control_model.to(diffusion)
+        self.first_stage_model = self.first_stage_model.to(other)
+        self.cond_stage_model = self.cond_stage_model.to(other)
+
     @torch.no_grad()
     def get_unconditional_conditioning(self, N):
         return self.get_learned_conditioning([""] * N)

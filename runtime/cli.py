@@ -91,6 +91,9 @@ def parse_args(argv):
     p.add_argument("--mode", choices=("reference", "fast"), default=None,
                    help="reference: upstream-exact fp32; fast: fp16, batched guidance, kernels, "
                         "CUDA/HIP graph (runtime/fast/). Default: fast on a GPU, else reference")
+    p.add_argument("--low-vram", action="store_true",
+                   help="upstream's config.save_memory: sliced attention, and the UNet/ControlNet "
+                        "and the VAE/CLIP take turns on the GPU (runtime/lowvram.py)")
     p.add_argument("--outdir", default=os.path.join(".", "outputs"),
                    help="output folder (default ./outputs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -176,9 +179,11 @@ def write_png(path, image, text):
 
 def build_pipeline(args, device):
     from cldm.model import CheckpointError
+    from runtime import lowvram
     from runtime.canny2image import Canny2Image
     from runtime.weights import build_model
 
+    lowvram.configure(getattr(args, "low_vram", False))     # before the model is built
     config = CONFIG_TINY if args.tiny else CONFIG_FULL
     random_weights = args.tiny or args.random_weights
     try:
@@ -200,7 +205,8 @@ def run(args):
     except folder_job.JobError as e:
         raise CliError(str(e)) from None
     if args.mode is None:
-        args.mode = "reference" if device.type == "cpu" else "fast"
+        # low-VRAM: reference until fast mode keeps its networks resident (runtime/lowvram.py)
+        args.mode = "reference" if device.type == "cpu" or args.low_vram else "fast"
     say = lambda msg: print(f"canny2image: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if ranks.rank != 0:   # under torchrun rank 0 speaks for the job; the others only fail loudly
         say = lambda msg: None  # noqa: E731

@@ -22,23 +22,32 @@ import logging
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
 
+import safetensors
+import safetensors.torch
+
 from cldm.model import (
     DEFAULT_CHECKPOINT,
+    POSITION_IDS,
     CheckpointError,
+    _match_clip_layout,
+    check_state_dict,
     create_model,
-    load_checkpoint,
+    load_state_dict,
     missing_checkpoint_message,
 )
+from runtime import lowvram
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "models", "cldm_v15.yaml")
 
+RANDOM_WEIGHT_THREADS = min(16, os.cpu_count() or 1)
 BRANCH_GAIN = 0.3
 NORM_WEIGHT_STD = 0.1
 BIAS_STD = 0.02
@@ -70,27 +79,42 @@ def _mean_std(module_name, module, param_name, shape):
 
 
 @torch.no_grad()
-def random_weights_(model, seed=0, device=None):
+def random_weights_(model, seed=0, device=None, dtype=None):
     """Give every parameter of `model` seeded random values, in place; buffers stay as they are.
 
-    Parameters still on the meta device are created on `device` (default: CPU); the others keep
-    their device and dtype. Sets `model.random_weights = True` and returns the model.
+    Parameters still on the meta device are created on `device` (default: CPU; or a function of
+    the parameter's name giving its device) in `dtype` (default: theirs); the others keep their
+    device and dtype. Values are drawn in float32 whatever the dtype, so a float16 model holds
+    the float32 model's values rounded. Sets `model.random_weights = True`, returns the model.
     """
     start = time.perf_counter()
-    for module_name, module in model.named_modules():
-        for param_name, param in list(module.named_parameters(recurse=False)):
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            mean, std = _mean_std(module_name, module, param_name, param.shape)
-            on_cpu = param.device.type == "cpu" and param.dtype == torch.float32
-            # drawn in float32 on the CPU (straight into the parameter when it lives there)
-            values = param if on_cpu else torch.empty(param.shape)
-            values.normal_(mean, std, generator=_generator(seed, name))
-            if param.is_meta:
-                module._parameters[param_name] = nn.Parameter(
-                    values.to(device=device or "cpu", dtype=param.dtype),
-                    requires_grad=param.requires_grad)
-            elif not on_cpu:
-                param.copy_(values)
+    device_of = device if callable(device) else (lambda name: device or "cpu")
+
+    @torch.no_grad()          # grad mode is per thread: the decorator above covers only this one
+    def draw(job):
+        module_name, module, param_name, param = job
+        name = f"{module_name}.{param_name}" if module_name else param_name
+        mean, std = _mean_std(module_name, module, param_name, param.shape)
+        on_cpu = param.device.type == "cpu" and param.dtype == torch.float32
+        # drawn in float32 on the CPU (straight into the parameter when it lives there)
+        values = param if on_cpu else torch.empty(param.shape)
+        values.normal_(mean, std, generator=_generator(seed, name))
+        if param.is_meta:
+            module._parameters[param_name] = nn.Parameter(
+                values.to(device=device_of(name), dtype=dtype or param.dtype),
+                requires_grad=param.requires_grad)
+        elif not on_cpu:
+            param.copy_(values)
+
+    jobs = [(module_name, module, param_name, param)
+            for module_name, module in model.named_modules()
+            for param_name, param in module.named_parameters(recurse=False)]
+    # Each tensor has its own generator, so drawing them in parallel gives the same values as in
+    # order; normal_ runs on one core per tensor and releases the GIL. At full size that is most
+    # of build_model's time (1.43 B values: ~15 s on one core).
+    with ThreadPoolExecutor(max_workers=min(RANDOM_WEIGHT_THREADS, len(jobs) or 1)) as pool:
+        for _ in pool.map(draw, jobs):
+            pass
     model.random_weights = True
     logger.info("Random weights (seed %d) in %.1f s", seed, time.perf_counter() - start)
     return model
@@ -115,11 +139,69 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register_parameter
 
 
-def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, device="cpu", seed=0):
+def _checkpoint_reader(path):
+    """(shapes, get) for a checkpoint file: {key: shape or non-tensor value} and get(key) -> the
+    tensor in host memory. A .safetensors file is read one tensor at a time from its memory map
+    (never the whole state dict in host memory); so is a zip-format torch file (torch.load with
+    mmap=True). Other files, and every file that fails to load, go through cldm.model's
+    load_state_dict: whole, with its checks and error messages."""
+    if os.path.splitext(path)[1].lower() == ".safetensors" and os.path.isfile(path):
+        try:
+            handle = safetensors.safe_open(path, framework="pt", device="cpu")
+            shapes = {k: torch.Size(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        except (safetensors.SafetensorError, OSError):
+            load_state_dict(path)        # raises cldm.model's CheckpointError for this file
+            raise
+        return shapes, handle.get_tensor
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state_dict = state_dict.get("state_dict", state_dict)
+        state_dict = state_dict.get("state_dict", state_dict)     # twice, as upstream
+    except Exception:
+        state_dict = load_state_dict(path, location="cpu")
+    if not isinstance(state_dict, dict):
+        state_dict = load_state_dict(path, location="cpu")       # raises its CheckpointError
+    shapes = {k: v.shape if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+    return shapes, state_dict.pop         # pop: host memory is freed as tensors are placed
+
+
+@torch.no_grad()
+def _load_checkpoint(model, path, device_of, dtype):
+    """Strict load of `path` into a model whose parameters are on the meta device: each tensor
+    is read, cast (parameters to `dtype`, buffers keep theirs) and moved to device_of(key) on its
+    own, so neither a float32 copy on the device nor (for safetensors) a second copy of the state
+    dict in host memory is ever made. Mismatches raise CheckpointError as cldm.model's loader."""
+    expected = model.state_dict()
+    params = {k for k, _ in model.named_parameters()}
+    shapes, get = _checkpoint_reader(path)
+    file_key = _match_clip_layout({k: k for k in shapes}, expected)     # model key -> file key
+    stand_ins = {k: torch.empty(shapes[f], device="meta") if isinstance(shapes[f], torch.Size)
+                 else shapes[f] for k, f in file_key.items()}
+    if POSITION_IDS in expected and POSITION_IDS not in stand_ins:
+        stand_ins[POSITION_IDS] = expected[POSITION_IDS]
+    check_state_dict(model, stand_ins, source=f"Checkpoint {path}")
+    loaded = {}
+    for key, ref in expected.items():
+        value = get(file_key[key]) if key in file_key else ref.clone()
+        cast = dtype if key in params and dtype is not None else ref.dtype
+        loaded[key] = value.to(device=device_of(key), dtype=cast)
+    model.load_state_dict(loaded, strict=True, assign=True)
+    logger.info("Loaded state_dict from [%s]", path)
+    return model
+
+
+def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, device="cpu", seed=0,
+                dtype=None):
     """ControlLDM in eval mode on `device`, with the weights of `ckpt` or seeded random weights.
 
     Neither given: uses ./models/control_sd15_canny.pth when it exists, else raises CheckpointError.
     `model.random_weights` says which kind of weights the model has.
+
+    The parameters are built on the meta device and each one is created straight on its device
+    in `dtype` (default float32): a float16 model never passes through float32 on the GPU.
+    Buffers (the noise schedule, CLIP's position_ids) keep their float32/int64. Under low-VRAM
+    mode (runtime.lowvram) the UNet and the ControlNet are created in host memory, the way
+    low_vram_shift(False) places them, so the whole model is never on the device at once.
     """
     if ckpt is not None and random_weights:
         raise ValueError("pass either a checkpoint or random_weights=True, not both")
@@ -130,9 +212,14 @@ def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, dev
         ckpt = DEFAULT_CHECKPOINT
     with _parameters_on_meta():
         model = create_model(config_path)
+
+    def device_of(name):
+        offloaded = lowvram.enabled() and name.split(".")[0] in lowvram.DIFFUSION_NETWORKS
+        return lowvram.HOST if offloaded else torch.device(device)
+
     if random_weights:
-        random_weights_(model, seed=seed, device=device)
+        random_weights_(model, seed=seed, device=device_of, dtype=dtype)
     else:
-        load_checkpoint(model, ckpt, location=str(device))
+        _load_checkpoint(model, ckpt, device_of, dtype)
         model.random_weights = False
-    return model.to(device).eval()
+    return lowvram.place(model, device).eval()

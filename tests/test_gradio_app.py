@@ -364,6 +364,28 @@ def test_flags(built, tmp_path):
     assert (args.port, args.listen, args.share, args.device) == (7860, False, False, "auto")
 
 
+def test_low_vram_flag_sets_save_memory_before_the_build(built, monkeypatch):
+    import config
+    import runtime.weights
+    from cldm.hack import disable_sliced_attention, sliced_attention_enabled
+
+    recorder = runtime.weights.build_model
+    seen = []
+
+    def build_model(*args, **kwargs):
+        seen.append((config.save_memory, sliced_attention_enabled()))
+        return recorder(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.weights, "build_model", build_model)
+    try:
+        built("--tiny")
+        built("--tiny", "--low-vram")
+    finally:
+        config.save_memory = False
+        disable_sliced_attention()
+    assert seen == [(False, False), (True, True)]
+
+
 def test_command_line_smoke_run(tmp_path):
     """`python gradio_canny2image.py --tiny --port P` serves the page on 127.0.0.1 only."""
     import subprocess
@@ -416,3 +438,60 @@ def test_one_worker_per_pipeline(images):
         assert len(users) == 2 and users[0] is not users[1]
     finally:
         demo.close()
+
+
+# --- results, the line under the gallery, warm-up -----------------------------------------------
+
+def test_results_are_fast_pngs_in_gradios_cache_with_exact_pixels(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8) for _ in range(3)]
+    paths = app.save_results(images)
+    assert len(paths) == 3 and len({os.path.dirname(p) for p in paths}) == 1
+    for path, image in zip(paths, images):
+        assert path.startswith(str(tmp_path)) and path.endswith(".png")
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
+        data = open(path, "rb").read()
+        idat = data.index(b"IDAT") + 4
+        assert data[idat] == 0x78 and data[idat + 1] >> 6 == 0     # zlib header: fastest level
+    assert app.save_results(images[:1])[0] != paths[0]             # a new folder per request
+
+
+def test_the_line_under_the_gallery_says_time_device_and_mode():
+    process, _ = app.make_process([_Pipeline()])
+
+    class Request:
+        session_hash = "abc"
+
+    values = {**DEFAULTS, **FAST}
+    image = Image.fromarray(sample_image(128, 96))
+    process(image, *(values[k] for k in ORDER), progress=lambda *a, **k: None, request=Request())
+    line = process.infos.pop(Request())
+    assert line.startswith("0 images at ") and " s · CPU · ? mode" in line, line
+    assert process.infos.pop(Request()) == ""                      # shown once
+
+
+def test_warm_up_runs_the_default_shape_on_gpu_pipelines_only():
+    import torch
+
+    class Model:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    class Pipeline:
+        def __init__(self, device):
+            self.model, self.calls = Model(device), []
+
+        def process(self, image, progress=None, **kwargs):
+            self.calls.append((image.shape, kwargs))
+            progress(1, kwargs["ddim_steps"])
+            return [image]
+
+    gpu, cpu = Pipeline("meta"), Pipeline("cpu")        # meta: stands in for an accelerator
+    assert app.warm_up([gpu, cpu]) > 0
+    assert cpu.calls == []
+    (shape, kwargs), = gpu.calls
+    assert shape == (512, 512, 3)
+    assert (kwargs["num_samples"], kwargs["image_resolution"], kwargs["ddim_steps"]) == (1, 512, 20)
+    assert app.warm_up([cpu]) == 0.0
+    assert app.parse_args(["--no-warmup"]).no_warmup and not app.parse_args([]).no_warmup

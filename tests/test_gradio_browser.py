@@ -119,6 +119,9 @@ def test_run_in_browser(url, tmp_path):
             seen = " | ".join(page.evaluate("() => window.galleryTexts"))
             assert re.search(rf"\b[1-9]\d*/{STEPS} steps", seen), seen
             assert "DDIM sampling" in seen, seen
+            # Under the gallery: how long it took, where, in which mode.
+            expect(page.locator("#request-info")).to_contain_text(
+                re.compile(rf"{IMAGES} images at \d+×\d+ in \d+\.\d\d s · CPU · reference mode"))
 
             shot = tmp_path / "screenshot_gradio.png"
             page.screenshot(path=str(shot), full_page=True)

@@ -111,3 +111,36 @@ def test_cpu_run_without_flags_uses_smaller_defaults_and_the_sample(tmp_path, ca
     sample = Image.open(outdir / "sample_house_0_seed12345_random-weights.png")
     assert sample.size == (320, 256)                       # 640x480 sample at 256
     assert sample.text["prompt"] == "a house, best quality"
+
+
+def test_low_vram_flag_sets_save_memory_before_the_build_and_changes_no_pixel(images, tmp_path,
+                                                                             capsys, monkeypatch):
+    import config
+    import runtime.weights
+    from cldm.hack import disable_sliced_attention, sliced_attention_enabled
+
+    seen = []
+    real_build = runtime.weights.build_model
+
+    def build_model(*args, **kwargs):
+        seen.append((config.save_memory, sliced_attention_enabled()))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.weights, "build_model", build_model)
+    argv = [str(images / "box.png"), "--tiny", "--image-resolution", "64", "--ddim-steps", "2",
+            "--seed", "3"]
+    outputs = {}
+    try:
+        for flags in ([], ["--low-vram"]):
+            outdir = tmp_path / ("low" if flags else "plain")
+            code, _, err = _run(argv + flags + ["--outdir", str(outdir)], capsys)
+            assert code == 0, err
+            outputs[bool(flags)] = {n: np.asarray(Image.open(outdir / n))
+                                    for n in os.listdir(outdir)}
+    finally:
+        config.save_memory = False
+        disable_sliced_attention()
+    assert seen == [(False, False), (True, True)]
+    assert outputs[True].keys() == outputs[False].keys() and len(outputs[True]) == 2
+    for name, pixels in outputs[False].items():
+        np.testing.assert_array_equal(outputs[True][name], pixels)

@@ -100,3 +100,106 @@ def test_same_weights_on_every_device():
     gpu = build_model(TINY_CONFIG, random_weights=True, seed=0, device="cuda")
     for k, v in cpu.state_dict().items():
         assert torch.equal(gpu.state_dict()[k].cpu(), v), k
+
+
+# --- build_model's construction path: straight into the target dtype/device, streamed files --
+
+import os  # noqa: E402
+
+import safetensors  # noqa: E402
+import safetensors.torch  # noqa: E402
+
+import config  # noqa: E402
+from cldm.model import CheckpointError  # noqa: E402
+
+
+def _assert_fp16_of(model16, model32):
+    for (k, a), (_, b) in zip(model16.named_parameters(), model32.named_parameters()):
+        assert a.dtype == torch.float16 and torch.equal(a, b.half()), k
+    for (k, a), (_, b) in zip(model16.named_buffers(), model32.named_buffers()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k       # schedule stays float32
+
+
+def test_random_weights_straight_into_float16():
+    _assert_fp16_of(build_model(TINY_CONFIG, random_weights=True, seed=2, dtype=torch.float16),
+                    build_model(TINY_CONFIG, random_weights=True, seed=2))
+
+
+@pytest.mark.parametrize("name", ["tiny.safetensors", "tiny.pth", "tiny.ckpt"])
+def test_checkpoint_straight_into_float16(tmp_path, name):
+    ref = build_model(TINY_CONFIG, random_weights=True, seed=4)
+    path = str(tmp_path / name)
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    if name.endswith(".safetensors"):
+        safetensors.torch.save_file(sd, path)
+    else:
+        torch.save({"state_dict": sd} if name.endswith(".ckpt") else sd, path)
+    loaded = build_model(TINY_CONFIG, ckpt=path)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    _assert_fp16_of(build_model(TINY_CONFIG, ckpt=path, dtype=torch.float16), ref)
+
+
+def test_safetensors_are_read_one_tensor_at_a_time(tmp_path, monkeypatch):
+    ref = build_model(TINY_CONFIG, random_weights=True, seed=5)
+    path = str(tmp_path / "tiny.safetensors")
+    safetensors.torch.save_file(ref.state_dict(), path)
+    reads = []
+    real_open = safetensors.safe_open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def get_tensor(self, key):
+            reads.append(key)
+            return self.handle.get_tensor(key)
+
+    def whole_file(*args, **kwargs):
+        raise AssertionError("the whole state dict was loaded into host memory")
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    monkeypatch.setattr(safetensors.torch, "load_file", whole_file)
+    loaded = build_model(TINY_CONFIG, ckpt=path)
+    assert sorted(reads) == sorted(ref.state_dict()) and len(reads) == len(set(reads))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_bad_checkpoints_keep_their_messages(tmp_path):
+    ref = build_model(TINY_CONFIG, random_weights=True, seed=6)
+    sd = {k: v for k, v in ref.state_dict().items() if k != "control_model.zero_convs.0.0.bias"}
+    missing = str(tmp_path / "missing.safetensors")
+    safetensors.torch.save_file(sd, missing)
+    with pytest.raises(CheckpointError, match=r"1 missing keys.*zero_convs\.0\.0\.bias"):
+        build_model(TINY_CONFIG, ckpt=missing)
+    for name in ("cut.safetensors", "cut.pth"):
+        path = str(tmp_path / name)
+        if name.endswith(".pth"):
+            torch.save(ref.state_dict(), path)
+        else:
+            safetensors.torch.save_file(ref.state_dict(), path)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        with pytest.raises(CheckpointError, match="truncated or corrupted"):
+            build_model(TINY_CONFIG, ckpt=path)
+
+
+def test_low_vram_build_keeps_the_diffusion_networks_in_host_memory():
+    """Under save_memory the UNet and ControlNet are created in host memory and the rest on the
+    device (meta stands in for a GPU here: placement without computing)."""
+    config.save_memory = True
+    try:
+        model = build_model(TINY_CONFIG, random_weights=True, seed=0, device="meta",
+                            dtype=torch.float16)
+    finally:
+        config.save_memory = False
+    where = {name: {t.device.type for t in child.parameters()}
+             for name, child in model.named_children()}
+    assert where == {"model": {"cpu"}, "control_model": {"cpu"},
+                     "first_stage_model": {"meta"}, "cond_stage_model": {"meta"}}
+    assert model.device.type == "meta" and model.betas.dtype == torch.float32
+    assert next(model.model.parameters()).dtype == torch.float16

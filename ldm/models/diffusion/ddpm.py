@@ -99,8 +99,9 @@ class DDPM(nn.Module):
 
     @property
     def device(self):
-        """Device of the parameters."""
-        return next(self.parameters()).device
+        """The device `.to()` put the model on (Lightning's `device`): that of the schedule
+        buffers, which ControlLDM.low_vram_shift leaves in place while it moves the networks."""
+        return self.betas.device
 
     def register_schedule(
         self,

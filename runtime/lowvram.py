@@ -1,0 +1,88 @@
+"""Low-VRAM mode: upstream's `config.save_memory` switch (its docs/low_vram.md), as one module.
+
+Upstream's save_memory does two things, and so does this:
+* sliced attention (cldm/hack.py): every CrossAttention computes one (batch, head) slice at a
+  time, class-wide, switched on before the model is built;
+* ControlLDM.low_vram_shift(is_diffusing) around the diffusion, called where upstream's demo
+  calls it: before the CLIP encoding (False), before sampling (True), before decoding (False).
+
+Reference mode calls `shift()` at those three points; it does nothing unless save_memory is on.
+
+Fast mode keeps CUDA/HIP graphs of its diffusion step, and a replayed graph reads its weights at
+the addresses it was captured with: the fast UNet and ControlNet must never move. Fast mode
+therefore does not call low_vram_shift; it keeps its diffusion networks resident and brings only
+the text encoder and the VAE onto the device for their phase, with `resident(module, device)`:
+
+    with lowvram.resident(fast_clip, device):     # only on a prompt-cache miss
+        context = fast_clip(tokens)
+    ...                                           # graphs replay: UNet/ControlNet never moved
+    with lowvram.resident(fast_vae, device):
+        images = fast_vae.decode(latents)
+
+Outside low-VRAM mode `resident()` leaves the module where it is (it should already live on the
+device) and costs nothing. Fast mode needs no sliced attention: its attention kernels never hold
+the [N, N] logits of more than one tile.
+"""
+import contextlib
+import logging
+
+import torch
+
+import config
+from cldm.hack import enable_sliced_attention, sliced_attention_enabled
+
+logger = logging.getLogger(__name__)
+
+HOST = torch.device("cpu")
+DIFFUSION_NETWORKS = ("model", "control_model")      # ControlLDM children shifted together
+
+
+def enabled():
+    """True when upstream's save_memory switch is on."""
+    return bool(config.save_memory)
+
+
+def configure(low_vram=False):
+    """Apply the --low-vram flag (or config.py's save_memory = True): set config.save_memory and
+    switch on sliced attention. Call it before the model is built, as upstream's share.py runs
+    before create_model. Returns whether low-VRAM mode is on."""
+    if low_vram:
+        config.save_memory = True
+    if config.save_memory and not sliced_attention_enabled():
+        enable_sliced_attention()
+    return enabled()
+
+
+def shift(model, is_diffusing):
+    """model.low_vram_shift(is_diffusing) when save_memory is on (upstream's demo's guard)."""
+    if config.save_memory:
+        model.low_vram_shift(is_diffusing)
+
+
+def place(model, device):
+    """Put a freshly built ControlLDM on `device` the way low_vram_shift(False) leaves it (VAE,
+    CLIP and the schedule buffers on `device`, the UNet and ControlNet in host memory) without
+    the whole model passing through the device first. Without save_memory: model.to(device)."""
+    if not config.save_memory:
+        return model.to(device)
+    for name, child in model.named_children():
+        child.to(HOST if name in DIFFUSION_NETWORKS else device)
+    for name, buffer in model.named_buffers(recurse=False):
+        setattr(model, name, buffer.to(device))
+    return model
+
+
+@contextlib.contextmanager
+def resident(module, device):
+    """Under save_memory: `module` on `device` for the with-block, back in host memory after,
+    its device memory handed back to the allocator. Otherwise: nothing moves."""
+    if not config.save_memory:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(HOST)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
