@@ -86,12 +86,18 @@ def environment(args):
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        env["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
-        env["dirty"] = bool(subprocess.check_output(["git", "status", "--porcelain", "--", "runtime", "kernels",
-                                                     "ldm", "cldm", "benchmarks"], cwd=REPO, text=True).strip())
-    except Exception:  # no .git on the machine (e.g. a copied tree): the caller may pass it
-        env["commit"] = os.environ.get("GIT_COMMIT")
+    # GIT_COMMIT first: a copied tree may carry a stale .git of another commit (seen on the
+    # device machine, whose copy's .git said 8e63547 while the tree was a later one).
+    env["commit"] = os.environ.get("GIT_COMMIT")
+    if not env["commit"]:
+        try:
+            env["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO,
+                                                    text=True).strip()
+            env["dirty"] = bool(subprocess.check_output(
+                ["git", "status", "--porcelain", "--", "runtime", "kernels", "ldm", "cldm",
+                 "benchmarks"], cwd=REPO, text=True).strip())
+        except Exception:  # no .git on the machine (a copied tree) and no GIT_COMMIT
+            env["commit"] = None
     return env
 
 

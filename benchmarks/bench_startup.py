@@ -134,11 +134,13 @@ def environment(args):
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        env["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
-                                                stderr=subprocess.DEVNULL).strip()
-    except Exception:          # no .git (a copied tree): the caller may say which commit it is
-        env["commit"] = os.environ.get("GIT_COMMIT")
+    env["commit"] = os.environ.get("GIT_COMMIT")  # first: a copied tree's .git may be stale
+    if not env["commit"]:
+        try:
+            env["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO,
+                                                    text=True, stderr=subprocess.DEVNULL).strip()
+        except Exception:      # no .git (a copied tree) and no GIT_COMMIT
+            env["commit"] = None
     return env
 
 
