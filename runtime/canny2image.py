@@ -13,7 +13,7 @@ import torch
 from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.ddim_hacked import DDIMSampler
-from runtime.errors import InputError
+from runtime.errors import InputError, require_finite
 from runtime.inputs import (MAX_PROMPT_CHARS, MODES, check_inputs, control_scales,  # noqa: F401
                             resized_shape, to_uint8_image)
 from runtime.seed import seed_everything
@@ -97,6 +97,7 @@ class Canny2Image:
             callback=callback)
 
         x_samples = model.decode_first_stage(samples)
+        require_finite(x_samples, "reference mode")      # a check only: finite values unchanged
         x_samples = (x_samples.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy()
         x_samples = x_samples.clip(0, 255).astype(np.uint8)
         return [x_samples[i] for i in range(num_samples)]

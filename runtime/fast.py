@@ -48,6 +48,7 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.util import GroupNorm32, timestep_embedding
 from runtime import inputs
+from runtime.errors import require_finite
 from runtime.seed import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -665,7 +666,10 @@ class FastRunner:
             z = self.reference_sample(hint.expand(B, -1, -1, -1), ctx_c, ctx_u, x_T, ddim_steps,
                                       guess_mode, strength, scale, eta)
             info["redone_fp32"] = True
-        images = self.to_uint8(self.decode(z))
+        x = self.decode(z)
+        require_finite(x, "fast mode, also after its float32 redo" if self.options.nan_check
+                       else "fast mode, nan_check off")
+        images = self.to_uint8(x)
         info["seconds"] = time.perf_counter() - t0
         self.last_info = info
         return images

@@ -33,11 +33,11 @@ from cldm.model import (
     load_checkpoint,
     missing_checkpoint_message,
 )
+from runtime.inputs import CONFIG_FULL, REPO
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "models", "cldm_v15.yaml")
+DEFAULT_CONFIG = CONFIG_FULL
 
 BRANCH_GAIN = 0.3
 NORM_WEIGHT_STD = 0.1
@@ -115,6 +115,12 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register_parameter
 
 
+def _shown_path(path):
+    """`path` relative to the repository when it is inside it (as a user would type it)."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, REPO) if os.path.commonpath([path, REPO]) == REPO else path
+
+
 def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, device="cpu", seed=0):
     """ControlLDM in eval mode on `device`, with the weights of `ckpt` or seeded random weights.
 
@@ -133,6 +139,6 @@ def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, dev
     if random_weights:
         random_weights_(model, seed=seed, device=device)
     else:
-        load_checkpoint(model, ckpt, location=str(device))
+        load_checkpoint(model, ckpt, location=str(device), config=_shown_path(config_path))
         model.random_weights = False
     return model.to(device).eval()
