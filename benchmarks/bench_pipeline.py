@@ -39,6 +39,7 @@ sys.path.insert(0, REPO)
 
 from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.fast import FastOptions, FastRunner  # noqa: E402
+from runtime.inputs import A_PROMPT, CONFIG_FULL, N_PROMPT  # noqa: E402
 from runtime.sample import sample_image  # noqa: E402
 from runtime.weights import build_model  # noqa: E402
 
@@ -52,9 +53,7 @@ ABLATION = [
     ("+channels_last", dict(channels_last=True)),
     ("+cuda_graph", dict(cuda_graph=True, two_streams=True)),
 ]
-PROMPT, A_PROMPT = "a house under the sun", "best quality, extremely detailed"
-N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
-            "cropped, worst quality, low quality")
+PROMPT = "a house under the sun"
 
 
 def ablation_options(upto, dtype):
@@ -280,7 +279,7 @@ def main():
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--tag", default=None)
-    ap.add_argument("--config", default=os.path.join(REPO, "models", "cldm_v15.yaml"),
+    ap.add_argument("--config", default=CONFIG_FULL,
                     help="model config (models/cldm_tiny.yaml for a quick CPU smoke run)")
     ap.add_argument("--_compile-child", dest="compile_child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
