@@ -106,7 +106,7 @@ class UploadImage(gr.Image):
             check_pixels(*image.size)
             return PIL.ImageOps.exif_transpose(image)     # as Gradio does: upright
         except InputError as e:
-            raise _error(f"{e}.") from None
+            raise _error(_labelled(e) + ".") from None
         except PIL.Image.DecompressionBombError:
             raise _error(f"The image is far too large (over "
                          f"{2 * PIL.Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels).") from None
@@ -172,6 +172,15 @@ def _check_payload(block, value):
             raise _error(UPLOAD_ONLY)
 
 
+def _labelled(error):
+    """runtime's message with the parameter's name (n_prompt) replaced by its label."""
+    message = str(error)
+    name = message.split(" ", 1)[0]
+    if name in LABELS:
+        message = LABELS[name] + message[len(name):]
+    return message[:1].upper() + message[1:]
+
+
 def image_to_array(image):
     """A PIL image (opened lazily, nothing decoded yet) → what the pipeline takes, or InputError.
 
@@ -196,17 +205,23 @@ def image_to_array(image):
         raise InputError(f"Could not read the image ({e}). Try a PNG or JPEG.") from None
 
 
-# label, minimum, maximum of the UI's sliders (spec §4.10; Gradio refuses API values outside
-# them); runtime/inputs.py's check_inputs then applies the rules every caller shares.
+# The labels of the 13 values after the image (upstream's), used in messages.
+LABELS = dict(prompt="Prompt", a_prompt="Added Prompt", n_prompt="Negative Prompt",
+              num_samples="Images", image_resolution="Image Resolution", ddim_steps="Steps",
+              guess_mode="Guess Mode", strength="Control Strength", scale="Guidance Scale",
+              seed="Seed", eta="eta (DDIM)", low_threshold="Canny low threshold",
+              high_threshold="Canny high threshold")
+# minimum, maximum of the UI's sliders (spec §4.10; Gradio refuses API values outside them);
+# runtime/inputs.py's check_inputs then applies the rules every caller shares.
 SLIDER_RANGES = {
-    "num_samples": ("Images", 1, 12),
-    "image_resolution": ("Image Resolution", 256, 768),
-    "strength": ("Control Strength", 0.0, 2.0),
-    "low_threshold": ("Canny low threshold", 1, 255),
-    "high_threshold": ("Canny high threshold", 1, 255),
-    "ddim_steps": ("Steps", 1, 100),
-    "scale": ("Guidance Scale", 0.1, 30.0),
-    "seed": ("Seed", -1, 2147483647),
+    "num_samples": (1, 12),
+    "image_resolution": (256, 768),
+    "strength": (0.0, 2.0),
+    "low_threshold": (1, 255),
+    "high_threshold": (1, 255),
+    "ddim_steps": (1, 100),
+    "scale": (0.1, 30.0),
+    "seed": (-1, 2147483647),
 }
 ORDER = ("prompt", "a_prompt", "n_prompt", "num_samples", "image_resolution", "ddim_steps",
          "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold")
@@ -234,7 +249,7 @@ def make_process(pipelines):
                                    num_samples, image_resolution, ddim_steps, guess_mode,
                                    strength, scale, seed, eta, low_threshold, high_threshold)
         except InputError as e:
-            raise _error(str(e)) from None
+            raise _error(_labelled(e)) from None
         img, args = checked[0], dict(zip(ORDER, checked[1:]))
 
         def on_step(step, total=None):
@@ -255,7 +270,7 @@ def make_process(pipelines):
                         args["image_resolution"])
             out_of_memory = True      # freed below, once this frame no longer holds the traceback
         except (InputError, CheckpointError, NonFiniteOutputError, ValueError) as e:
-            raise _error(str(e)) from None
+            raise _error(_labelled(e)) from None
         except MemoryError:
             log.warning("out of host memory (%d images at %d px)", args["num_samples"],
                         args["image_resolution"])
@@ -298,28 +313,28 @@ def create_demo(pipeline, banner=None):
                 prompt = gr.Textbox(label="Prompt")
                 run_button = gr.Button("Run")
                 with gr.Accordion("Advanced options", open=False):
-                    num_samples = gr.Slider(label="Images", minimum=r["num_samples"][1],
-                                            maximum=r["num_samples"][2], value=1, step=1)
+                    num_samples = gr.Slider(label="Images", minimum=r["num_samples"][0],
+                                            maximum=r["num_samples"][1], value=1, step=1)
                     image_resolution = gr.Slider(
-                        label="Image Resolution", minimum=r["image_resolution"][1],
-                        maximum=r["image_resolution"][2], value=DEFAULT_RESOLUTION, step=64)
-                    strength = gr.Slider(label="Control Strength", minimum=r["strength"][1],
-                                         maximum=r["strength"][2], value=DEFAULT_STRENGTH,
+                        label="Image Resolution", minimum=r["image_resolution"][0],
+                        maximum=r["image_resolution"][1], value=DEFAULT_RESOLUTION, step=64)
+                    strength = gr.Slider(label="Control Strength", minimum=r["strength"][0],
+                                         maximum=r["strength"][1], value=DEFAULT_STRENGTH,
                                          step=0.01)
                     guess_mode = gr.Checkbox(label="Guess Mode", value=False)
                     low_threshold = gr.Slider(label="Canny low threshold",
-                                              minimum=r["low_threshold"][1],
-                                              maximum=r["low_threshold"][2],
+                                              minimum=r["low_threshold"][0],
+                                              maximum=r["low_threshold"][1],
                                               value=DEFAULT_LOW_THRESHOLD, step=1)
                     high_threshold = gr.Slider(label="Canny high threshold",
-                                               minimum=r["high_threshold"][1],
-                                               maximum=r["high_threshold"][2],
+                                               minimum=r["high_threshold"][0],
+                                               maximum=r["high_threshold"][1],
                                                value=DEFAULT_HIGH_THRESHOLD, step=1)
-                    ddim_steps = gr.Slider(label="Steps", minimum=r["ddim_steps"][1],
-                                           maximum=r["ddim_steps"][2], value=DEFAULT_STEPS, step=1)
-                    scale = gr.Slider(label="Guidance Scale", minimum=r["scale"][1],
-                                      maximum=r["scale"][2], value=DEFAULT_SCALE, step=0.1)
-                    seed = gr.Slider(label="Seed", minimum=r["seed"][1], maximum=r["seed"][2],
+                    ddim_steps = gr.Slider(label="Steps", minimum=r["ddim_steps"][0],
+                                           maximum=r["ddim_steps"][1], value=DEFAULT_STEPS, step=1)
+                    scale = gr.Slider(label="Guidance Scale", minimum=r["scale"][0],
+                                      maximum=r["scale"][1], value=DEFAULT_SCALE, step=0.1)
+                    seed = gr.Slider(label="Seed", minimum=r["seed"][0], maximum=r["seed"][1],
                                      step=1, randomize=True)
                     eta = gr.Number(label="eta (DDIM)", value=0.0)
                     a_prompt = gr.Textbox(label="Added Prompt", value=A_PROMPT)
