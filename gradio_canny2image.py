@@ -159,6 +159,11 @@ def _check_payload(block, value):
             raise _error(f"{label} must be a number, got {value!r}.")
         if not math.isfinite(value):
             raise _error(f"{label} must be a finite number, got {value!r}.")
+        # Gradio checks the range too, but prints a traceback for each refusal
+        if block.minimum is not None and value < block.minimum:
+            raise _error(f"{label}: value {value} is less than minimum value {block.minimum}.")
+        if block.maximum is not None and value > block.maximum:
+            raise _error(f"{label}: value {value} is greater than maximum value {block.maximum}.")
     elif isinstance(block, gr.Checkbox) and not isinstance(value, bool):
         raise _error(f"{label} must be true or false, got {value!r}.")
     elif isinstance(block, gr.Textbox) and not isinstance(value, str):
@@ -177,7 +182,7 @@ def _labelled(error):
     message = str(error)
     name = message.split(" ", 1)[0]
     if name in LABELS:
-        message = LABELS[name] + message[len(name):]
+        return LABELS[name] + message[len(name):]
     return message[:1].upper() + message[1:]
 
 
@@ -437,7 +442,7 @@ def _pipeline(model, mode, requested):
         return Canny2Image(model, mode=mode)
     except NotImplementedError as e:
         if requested:
-            raise SystemExit(f"--mode {mode}: {e}") from None
+            raise SystemExit(f"error: --mode {mode}: {e}") from None
         log.warning("fast mode unavailable (%s): using reference mode", e)
         return Canny2Image(model, mode="reference")
 
@@ -450,7 +455,7 @@ def build_pipelines(args):
     on_gpu = devices[0].startswith("cuda")
     mode = args.mode or ("fast" if on_gpu else "reference")
     if mode == "fast" and not on_gpu:
-        raise SystemExit("--mode fast needs a GPU: use --mode reference on the CPU")
+        raise SystemExit("error: --mode fast needs a GPU: use --mode reference on the CPU")
 
     banner = None
     ckpt = None
