@@ -38,10 +38,10 @@ from gradio_client.utils import is_http_url_like  # noqa: E402
 from cldm.model import CheckpointError  # noqa: E402
 from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.errors import InputError, NonFiniteOutputError  # noqa: E402
-from runtime.inputs import (A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_HIGH_THRESHOLD,  # noqa: E402
-                            DEFAULT_LOW_THRESHOLD, DEFAULT_RESOLUTION, DEFAULT_SCALE,
-                            DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_UPLOAD_BYTES, MODES, N_PROMPT,
-                            REPO, check_inputs, check_pixels)
+from runtime.inputs import (  # noqa: E402
+    A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD,
+    DEFAULT_RESOLUTION, DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_UPLOAD_BYTES, MODES,
+    N_PROMPT, REPO, check_inputs, check_pixels)
 
 log = logging.getLogger("gradio_canny2image")
 

@@ -14,8 +14,7 @@ from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.ddim_hacked import DDIMSampler
 from runtime.errors import InputError, require_finite
-from runtime.inputs import (MAX_PROMPT_CHARS, MODES, check_inputs, control_scales,  # noqa: F401
-                            resized_shape, to_uint8_image)
+from runtime.inputs import MODES, check_inputs, control_scales
 from runtime.seed import seed_everything
 
 

@@ -31,7 +31,7 @@ from runtime.errors import InputError, NonFiniteOutputError
 from runtime.inputs import (A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_ETA,
                             DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, DEFAULT_RESOLUTION,
                             DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH, MODES, N_PROMPT,
-                            check_pixels)
+                            check_inputs, check_pixels)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Full-size model, fp32, torch's 2 CPU threads, sample image (256x320 px), measured in CPU time
@@ -91,7 +91,8 @@ def parse_args(argv):
     weights.add_argument("--random-weights", action="store_true",
                          help="full-size model with seeded random weights (images are noise)")
     weights.add_argument("--tiny", action="store_true",
-                         help="tiny model (models/cldm_tiny.yaml) with random weights: a smoke test")
+                         help="tiny model (models/cldm_tiny.yaml) with random weights: a smoke "
+                              "test")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--device", default="auto",
                    help="auto (the accelerator if there is one, else cpu), cpu, cuda, cuda:1, ...")
@@ -223,7 +224,6 @@ def build_pipeline(args, device):
 
 
 def run(args):
-    from runtime.canny2image import check_inputs
     from runtime.sample import SAMPLE_NAME, SAMPLE_PROMPT, sample_image
 
     device = pick_device(args.device)

@@ -28,7 +28,6 @@ import os
 
 import math
 import numbers
-import random
 
 import numpy as np
 
@@ -111,7 +110,8 @@ def _text(name, value):
     if not isinstance(value, str):
         raise InputError(f"{name} must be a string, got {type(value).__name__}")
     if len(value) > MAX_PROMPT_CHARS:
-        raise InputError(f"{name} is too long: {len(value)} characters (at most {MAX_PROMPT_CHARS})")
+        raise InputError(
+            f"{name} is too long: {len(value)} characters (at most {MAX_PROMPT_CHARS})")
     return value
 
 

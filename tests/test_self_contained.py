@@ -16,7 +16,8 @@ CLIMBING = [
     (re.compile(r"\.\.[/\\]+shared"), "the project's neighbouring shared folder"),
     (re.compile(r"\bos\.pardir\b"), "os dot pardir (climbs a folder)"),
     (re.compile(r"dirname\(\s*REPO\s*\)"), "the folder above the repository"),
-    (re.compile(r"(?<![\w.:/~-])/(work|home|root|Users|mnt|scratch)/"), "a machine's absolute path"),
+    (re.compile(r"(?<![\w.:/~-])/(work|home|root|Users|mnt|scratch)/"),
+     "a machine's absolute path"),
 ]
 TEXT_SUFFIXES = (".py", ".sh", ".md", ".txt", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".json",
                  ".tsv", ".gitignore", "run")

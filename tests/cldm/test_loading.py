@@ -229,7 +229,7 @@ def test_full_size_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("name, content", [
-    ("text.pth", b"this is a text file\nwith lines\n"),         # gave IndexError: pop from empty list
+    ("text.pth", b"this is a text file\nwith lines\n"),     # gave IndexError: pop from empty list
     ("hello.pth", b"hello world"),                             # gave KeyError 101
     ("hello.ckpt", b"hello world"),
     ("hello.safetensors", b"hello world"),

@@ -17,7 +17,8 @@ pl = pytest.importorskip("pytorch_lightning")
 
 def _draws():
     return (os.environ.get("PL_GLOBAL_SEED"), [random.random() for _ in range(4)],
-            random.randint(0, 65535), np.random.rand(4).tolist(), np.random.randint(0, 9, 5).tolist(),
+            random.randint(0, 65535), np.random.rand(4).tolist(),
+            np.random.randint(0, 9, 5).tolist(),
             torch.rand(4).tolist(), torch.randn(2, 3).tolist(), torch.randint(0, 9, (5,)).tolist())
 
 
