@@ -7,8 +7,11 @@ the inverted edge map followed by the samples. Differences, each on purpose:
 * binds 127.0.0.1 unless --listen (upstream always bound 0.0.0.0); analytics off;
 * without a checkpoint it still starts (random weights) and says so in a banner on the page;
 * a progress bar over the DDIM steps; one queue worker per GPU (one model replica each);
-* bad input (no image, odd image formats, huge images, out-of-range values sent through the API)
-  gets a short message in the page instead of a traceback, and the server keeps serving.
+* bad input (no image, unreadable or oversized files, values of the wrong type or out of range
+  sent through the API, server paths or URLs named as the image) gets a short message instead of
+  a traceback, and the server keeps serving; the rules are runtime/inputs.py's (the CLI's and
+  the API's too), the image size is checked on the header before decoding;
+* uploads are limited to MAX_UPLOAD_BYTES, and Gradio's cache is cleaned (DELETE_CACHE).
 
 Run `python gradio_canny2image.py --help` for the flags.
 """
