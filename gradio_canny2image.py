@@ -365,8 +365,8 @@ def create_demo(pipeline, banner=None):
 
 
 def launch(demo, server_name="127.0.0.1", server_port=7860, **kwargs):
-    """demo.launch with the upload limit (runtime/inputs.py's MAX_UPLOAD_BYTES: no file of an
-    allowed pixel count in an ordinary format is larger); returns what launch returns."""
+    """demo.launch with the upload limit (runtime/inputs.py's MAX_UPLOAD_BYTES, fitted to the
+    pixel limit); returns what launch returns."""
     return demo.launch(server_name=server_name, server_port=server_port,
                        max_file_size=MAX_UPLOAD_BYTES, **kwargs)
 

@@ -67,8 +67,8 @@ MAX_SIDE = 8192
 # 50 MP passes any ordinary photo (a 48 MP phone picture, 8K video frames) and keeps the decoded
 # RGB copy under 150 MB. (A 1-bit PNG of 30000x30000 px is 109 KB on disk and 4.3 GB decoded.)
 MAX_INPUT_PIXELS = 50_000_000
-# The largest upload the demo takes: an uncompressed 8-bit RGB picture at the pixel limit. Every
-# ordinary file of an allowed size is smaller (a 50 MP JPEG is ~25 MB).
+# The largest upload the demo takes: an uncompressed 8-bit RGB picture at the pixel limit (a 50 MP
+# JPEG is ~25 MB; only uncompressed 16-bit colour files at the limit are larger).
 MAX_UPLOAD_BYTES = 3 * MAX_INPUT_PIXELS
 
 
