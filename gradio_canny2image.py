@@ -7,8 +7,11 @@ the inverted edge map followed by the samples. Differences, each on purpose:
 * binds 127.0.0.1 unless --listen (upstream always bound 0.0.0.0); analytics off;
 * without a checkpoint it still starts (random weights) and says so in a banner on the page;
 * a progress bar over the DDIM steps; one queue worker per GPU (one model replica each);
-* bad input (no image, odd image formats, huge images, out-of-range values sent through the API)
-  gets a short message in the page instead of a traceback, and the server keeps serving.
+* bad input (no image, unreadable or oversized files, values of the wrong type or out of range
+  sent through the API, server paths or URLs named as the image) gets a short message instead of
+  a traceback, and the server keeps serving; the rules are runtime/inputs.py's (the CLI's and
+  the API's too), the image size is checked on the header before decoding;
+* uploads are limited to MAX_UPLOAD_BYTES, and Gradio's cache is cleaned (DELETE_CACHE).
 
 Run `python gradio_canny2image.py --help` for the flags.
 """
@@ -26,6 +29,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+import warnings  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
@@ -33,35 +37,34 @@ from contextlib import nullcontext  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
+import PIL.ImageOps  # noqa: E402
 import torch  # noqa: E402
 
+from gradio.exceptions import InvalidPathError  # noqa: E402
+from gradio_client.utils import is_http_url_like  # noqa: E402
+
 from cldm.model import CheckpointError  # noqa: E402
-from runtime.canny2image import MAX_PROMPT_CHARS, MODES, Canny2Image, resized_shape  # noqa: E402
-from runtime.errors import InputError  # noqa: E402
+from runtime.canny2image import Canny2Image  # noqa: E402
+from runtime.errors import InputError, NonFiniteOutputError  # noqa: E402
+from runtime.inputs import (  # noqa: E402
+    A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD,
+    DEFAULT_RESOLUTION, DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_UPLOAD_BYTES, MODES,
+    N_PROMPT, REPO, check_inputs, check_pixels)
 
 log = logging.getLogger("gradio_canny2image")
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-CONFIG_FULL = os.path.join(REPO, "models", "cldm_v15.yaml")
-CONFIG_TINY = os.path.join(REPO, "models", "cldm_tiny.yaml")
 CKPT_CANDIDATES = ("models/control_sd15_canny.pth", "models/control_sd15_canny.safetensors")
 CKPT_URL = "https://huggingface.co/lllyasviel/ControlNet/tree/main/models"
 
 TITLE = "## Control Stable Diffusion with Canny Edge Maps"
-A_PROMPT = "best quality, extremely detailed"
-N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
-            "cropped, worst quality, low quality")
-
-# Checked on the image header, before anything is decoded: 50 MP passes any ordinary photo (a
-# 48 MP phone picture, 8K video frames) and keeps the decoded RGB copy under ~150 MB.
-MAX_INPUT_PIXELS = 50_000_000
-# Smaller than this has no edges worth the name (a 1x1 upload is a mistake, not a picture).
-MIN_INPUT_SIDE = 16
-# After resize_image (short side = Image Resolution): long thin images would otherwise ask the
-# model for e.g. 512 x 60000 px. 4096 px allows 8:1 at 512 and 16:1 at 256.
-MAX_OUTPUT_SIDE = 4096
-
 OOM_MESSAGE = "Out of GPU memory: try fewer images or a lower resolution"
+# CUDA and HIP; torch < 2.5 has only torch.cuda's (the same class in later versions)
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+# Gradio's cache (uploads, results): every 10 minutes, files older than an hour are deleted; all
+# of them when the server stops.
+DELETE_CACHE = (600, 3600)
+UPLOAD_ONLY = ("The image must be a file uploaded to this demo (the page does it, or POST it to "
+               "/gradio_api/upload first): server paths and URLs are not read.")
 
 
 class _PipelinePool:
@@ -85,8 +88,14 @@ class _PipelinePool:
         self._free.put(pipeline)
 
 
+def _error(message):
+    return gr.Error(message, print_exception=False)
+
+
 class UploadImage(gr.Image):
-    """gr.Image whose unreadable uploads get a clear message: Gradio's own is a bare "Error".
+    """gr.Image that opens the upload lazily and checks its size on the header, before anything
+    is decoded (Gradio's own preprocess may decode it: EXIF rotation), and gives unreadable files
+    a clear message (Gradio's own is a bare "Error").
 
     `is_template` is Gradio's mechanism (gr.ClearButton uses it) for a subclass that keeps the
     parent's front-end component.
@@ -94,44 +103,110 @@ class UploadImage(gr.Image):
     is_template = True
 
     def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.path is None or not _inside(payload.path, self.GRADIO_CACHE):
+            raise _error(UPLOAD_ONLY)       # also data: URLs, which Gradio would decode
         try:
-            return super().preprocess(payload)
-        except gr.Error:
-            raise
+            with warnings.catch_warnings():   # PIL warns from 89 MP on: refused from 50 MP on
+                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+                image = PIL.Image.open(payload.path)
+            check_pixels(*image.size)
+            return PIL.ImageOps.exif_transpose(image)     # as Gradio does: upright
+        except InputError as e:
+            raise _error(_labelled(e) + ".") from None
         except PIL.Image.DecompressionBombError:
-            raise gr.Error(f"The image is far too large: the limit is "
-                           f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels.",
-                           print_exception=False) from None
+            raise _error(f"The image is far too large (over "
+                         f"{2 * PIL.Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels).") from None
         except Exception as e:
             log.info("unreadable upload: %s", e)
-            raise gr.Error("Could not read the uploaded file as an image: use a PNG or JPEG.",
-                           print_exception=False) from None
+            raise _error("Could not read the uploaded file as an image: use a PNG or JPEG.") \
+                from None
+
+    async def async_move_resource_to_block_cache(self, url_or_file_path):
+        # Gradio would download a URL named as the image (from the server: never wanted here)
+        if is_http_url_like(str(url_or_file_path)):
+            raise _error(UPLOAD_ONLY)
+        return await super().async_move_resource_to_block_cache(url_or_file_path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Input checks: what Gradio hands over, turned into what the pipeline takes, or a clear message.
-# ---------------------------------------------------------------------------------------------
+def _inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+class CheckedBlocks(gr.Blocks):
+    """gr.Blocks whose API requests get a clear message for values of the wrong type (a string
+    for a slider, null, a list, a server path as the image), before Gradio's own processing turns
+    them into a traceback in the server log and {"error": null} for the caller."""
+
+    async def preprocess_data(self, block_fn, inputs, *args, **kwargs):
+        try:
+            self.validate_inputs(block_fn, inputs)
+        except ValueError as e:                   # wrong number of values
+            raise _error(str(e).split(". ")[0] + ".") from None
+        for block, value in zip(block_fn.inputs, inputs):
+            _check_payload(block, value)
+        try:
+            return await super().preprocess_data(block_fn, inputs, *args, **kwargs)
+        except gr.Error:
+            raise
+        except InvalidPathError:
+            raise _error(UPLOAD_ONLY) from None
+        except Exception as e:                    # e.g. a malformed file object: no traceback
+            log.info("unreadable request: %s", e)
+            raise _error("The request holds a value this demo cannot read (see /?view=api for "
+                         "the expected types).") from None
+
+
+def _check_payload(block, value):
+    """Raise gr.Error unless `value` has the type `block` takes from the API."""
+    label = block.label or type(block).__name__
+    if isinstance(block, (gr.Slider, gr.Number)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _error(f"{label} must be a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise _error(f"{label} must be a finite number, got {value!r}.")
+        # Gradio checks the range too, but prints a traceback for each refusal
+        if block.minimum is not None and value < block.minimum:
+            raise _error(f"{label}: value {value} is less than minimum value {block.minimum}.")
+        if block.maximum is not None and value > block.maximum:
+            raise _error(f"{label}: value {value} is greater than maximum value {block.maximum}.")
+    elif isinstance(block, gr.Checkbox) and not isinstance(value, bool):
+        raise _error(f"{label} must be true or false, got {value!r}.")
+    elif isinstance(block, gr.Textbox) and not isinstance(value, str):
+        raise _error(f"{label} must be text, got {value!r}.")
+    elif isinstance(block, gr.Image) and value is not None:
+        # Without Gradio's file marker, Gradio would pass any server path through unchecked.
+        meta = value.get("meta") if isinstance(value, dict) else None
+        path = value.get("path") if isinstance(value, dict) else None
+        if (not isinstance(path, str) or is_http_url_like(path) or not isinstance(meta, dict)
+                or meta.get("_type") != "gradio.FileData"):
+            raise _error(UPLOAD_ONLY)
+
+
+def _labelled(error):
+    """runtime's message with the parameter's name (n_prompt) replaced by its label."""
+    message = str(error)
+    name = message.split(" ", 1)[0]
+    if name in LABELS:
+        return LABELS[name] + message[len(name):]
+    return message[:1].upper() + message[1:]
+
 
 def image_to_array(image):
     """A PIL image (opened lazily, nothing decoded yet) → what the pipeline takes, or InputError.
 
     The size is checked before decoding. Like the Gradio 3 upstream ran on, alpha is dropped and
-    gray/palette images become RGB uint8. 16-bit gray stays uint16 for the pipeline to reduce
-    (as the CLI does): PIL's own RGB conversion would clip it to white.
+    gray/palette/CMYK images become RGB uint8; an animation gives its first frame. 16-bit gray
+    stays uint16 for the pipeline to reduce (as the CLI does): PIL's own RGB conversion would clip
+    it to white.
     """
     if image is None:
         raise InputError("No input image: upload an image first.")
     if isinstance(image, np.ndarray):         # create_demo's function may be called directly
-        image = PIL.Image.fromarray(image)
-    w, h = image.size
-    if w * h > MAX_INPUT_PIXELS:
-        raise InputError(
-            f"The image is too large ({w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
-            f"{MAX_INPUT_PIXELS / 1e6:.0f}). Downscale it first: it is resized to about "
-            f"768 px anyway.")
-    if min(w, h) < MIN_INPUT_SIDE:
-        raise InputError(f"The image is too small ({w}x{h}): use at least "
-                         f"{MIN_INPUT_SIDE}x{MIN_INPUT_SIDE} px.")
+        return image
+    check_pixels(*image.size)
     if image.mode == "F":
         raise InputError("32-bit float images are not supported: save it as an 8- or 16-bit PNG "
                          "or a JPEG.")
@@ -143,74 +218,26 @@ def image_to_array(image):
         raise InputError(f"Could not read the image ({e}). Try a PNG or JPEG.") from None
 
 
-def _whole_number(value, label):
-    number = _finite(value, label)
-    if number != int(number):
-        raise InputError(f"{label} must be a whole number, got {value!r}.")
-    return int(number)
-
-
-def _finite(value, label):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InputError(f"{label} must be a number, got {value!r}.")
-    if not math.isfinite(value):
-        raise InputError(f"{label} must be a finite number, got {value!r}.")
-    return float(value)
-
-
-def _text(value, label):
-    value = "" if value is None else str(value)
-    if len(value) > MAX_PROMPT_CHARS:
-        raise InputError(f"{label} is too long ({len(value)} characters; the limit is "
-                         f"{MAX_PROMPT_CHARS}). Only the first 77 CLIP tokens are read anyway.")
-    return value
-
-
-def check_inputs(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
-                 guess_mode, strength, scale, seed, eta, low_threshold, high_threshold):
-    """Normalise the 14 UI values (types, text lengths, sizes); raise InputError with a message.
-
-    Ranges are the UI's; Gradio already rejects out-of-range slider values sent through the API,
-    this repeats the check for direct calls and catches what Gradio lets through (NaN, fractions).
-    """
-    img = image_to_array(input_image)
-    args = dict(
-        prompt=_text(prompt, "Prompt"), a_prompt=_text(a_prompt, "Added Prompt"),
-        n_prompt=_text(n_prompt, "Negative Prompt"),
-        num_samples=_whole_number(num_samples, "Images"),
-        image_resolution=_whole_number(image_resolution, "Image Resolution"),
-        ddim_steps=_whole_number(ddim_steps, "Steps"), guess_mode=bool(guess_mode),
-        strength=_finite(strength, "Control Strength"), scale=_finite(scale, "Guidance Scale"),
-        seed=_whole_number(seed, "Seed"), eta=_finite(eta, "eta (DDIM)"),
-        low_threshold=_whole_number(low_threshold, "Canny low threshold"),
-        high_threshold=_whole_number(high_threshold, "Canny high threshold"))
-    for key, (label, lo, hi) in SLIDER_RANGES.items():
-        if not lo <= args[key] <= hi:
-            raise InputError(f"{label} must be between {lo} and {hi}, got {args[key]}.")
-    if args["low_threshold"] > args["high_threshold"]:
-        raise InputError(f"Canny low threshold ({args['low_threshold']}) must not be above the "
-                         f"high threshold ({args['high_threshold']}).")
-    h, w = img.shape[:2]
-    out_h, out_w = resized_shape(h, w, args["image_resolution"])
-    if max(out_h, out_w) > MAX_OUTPUT_SIDE:
-        raise InputError(
-            f"The image is too elongated ({w}x{h}): at Image Resolution "
-            f"{args['image_resolution']} it would be generated at {out_w}x{out_h} px (the limit "
-            f"is {MAX_OUTPUT_SIDE} px a side). Crop it or lower Image Resolution.")
-    return img, args
-
-
-# label, minimum, maximum (spec §4.10); the UI builds its sliders from the same numbers.
+# The labels of the 13 values after the image (upstream's), used in messages.
+LABELS = dict(prompt="Prompt", a_prompt="Added Prompt", n_prompt="Negative Prompt",
+              num_samples="Images", image_resolution="Image Resolution", ddim_steps="Steps",
+              guess_mode="Guess Mode", strength="Control Strength", scale="Guidance Scale",
+              seed="Seed", eta="eta (DDIM)", low_threshold="Canny low threshold",
+              high_threshold="Canny high threshold")
+# minimum, maximum of the UI's sliders (spec §4.10; Gradio refuses API values outside them);
+# runtime/inputs.py's check_inputs then applies the rules every caller shares.
 SLIDER_RANGES = {
-    "num_samples": ("Images", 1, 12),
-    "image_resolution": ("Image Resolution", 256, 768),
-    "strength": ("Control Strength", 0.0, 2.0),
-    "low_threshold": ("Canny low threshold", 1, 255),
-    "high_threshold": ("Canny high threshold", 1, 255),
-    "ddim_steps": ("Steps", 1, 100),
-    "scale": ("Guidance Scale", 0.1, 30.0),
-    "seed": ("Seed", -1, 2147483647),
+    "num_samples": (1, 12),
+    "image_resolution": (256, 768),
+    "strength": (0.0, 2.0),
+    "low_threshold": (1, 255),
+    "high_threshold": (1, 255),
+    "ddim_steps": (1, 100),
+    "scale": (0.1, 30.0),
+    "seed": (-1, 2147483647),
 }
+ORDER = ("prompt", "a_prompt", "n_prompt", "num_samples", "image_resolution", "ddim_steps",
+         "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,11 +260,12 @@ def make_process(pipelines):
                 progress=gr.Progress(), request: gr.Request = None):
         start = time.perf_counter()
         try:
-            img, args = check_inputs(input_image, prompt, a_prompt, n_prompt, num_samples,
-                                     image_resolution, ddim_steps, guess_mode, strength, scale,
-                                     seed, eta, low_threshold, high_threshold)
+            checked = check_inputs(image_to_array(input_image), prompt, a_prompt, n_prompt,
+                                   num_samples, image_resolution, ddim_steps, guess_mode,
+                                   strength, scale, seed, eta, low_threshold, high_threshold)
         except InputError as e:
-            raise gr.Error(str(e), print_exception=False) from None
+            raise _error(_labelled(e)) from None
+        img, args = checked[0], dict(zip(ORDER, checked[1:]))
 
         def on_step(step, total=None):
             total = total or args["ddim_steps"]
@@ -255,27 +283,26 @@ def make_process(pipelines):
             return paths
         except gr.Error:
             raise
-        except torch.cuda.OutOfMemoryError:
+        except OUT_OF_MEMORY:
             log.warning("out of GPU memory (%d images at %d px)", args["num_samples"],
                         args["image_resolution"])
             out_of_memory = True      # freed below, once this frame no longer holds the traceback
-        except (InputError, CheckpointError, ValueError) as e:
-            raise gr.Error(str(e), print_exception=False) from None
+        except (InputError, CheckpointError, NonFiniteOutputError, ValueError) as e:
+            raise _error(_labelled(e)) from None
         except MemoryError:
             log.warning("out of host memory (%d images at %d px)", args["num_samples"],
                         args["image_resolution"])
-            raise gr.Error("Out of memory: try fewer images or a lower resolution.",
-                           print_exception=False) from None
+            raise _error("Out of memory: try fewer images or a lower resolution.") from None
         except Exception:
             log.exception("process() failed")
-            raise gr.Error("Generation failed with an internal error (details are in the server "
-                           "log). Please try again.", print_exception=False) from None
+            raise _error("Generation failed with an internal error (details are in the server "
+                         "log). Please try again.") from None
         finally:
             pool.release(pipeline)
         if out_of_memory:
             gc.collect()
             torch.cuda.empty_cache()
-            raise gr.Error(OOM_MESSAGE, print_exception=False)
+            raise _error(OOM_MESSAGE)
 
     process.infos = infos
     return process, pool.size
@@ -383,7 +410,7 @@ def create_demo(pipeline, banner=None):
     pipelines = list(pipeline) if isinstance(pipeline, (list, tuple)) else [pipeline]
     process, workers = make_process(pipelines)
     r = SLIDER_RANGES
-    with gr.Blocks(title="ControlNet canny2image") as demo:
+    with CheckedBlocks(title="ControlNet canny2image", delete_cache=DELETE_CACHE) as demo:
         with gr.Row():
             gr.Markdown(TITLE)
         if banner:
@@ -398,25 +425,28 @@ def create_demo(pipeline, banner=None):
                 prompt = gr.Textbox(label="Prompt")
                 run_button = gr.Button("Run")
                 with gr.Accordion("Advanced options", open=False):
-                    num_samples = gr.Slider(label="Images", minimum=r["num_samples"][1],
-                                            maximum=r["num_samples"][2], value=1, step=1)
+                    num_samples = gr.Slider(label="Images", minimum=r["num_samples"][0],
+                                            maximum=r["num_samples"][1], value=1, step=1)
                     image_resolution = gr.Slider(
-                        label="Image Resolution", minimum=r["image_resolution"][1],
-                        maximum=r["image_resolution"][2], value=512, step=64)
-                    strength = gr.Slider(label="Control Strength", minimum=r["strength"][1],
-                                         maximum=r["strength"][2], value=1.0, step=0.01)
+                        label="Image Resolution", minimum=r["image_resolution"][0],
+                        maximum=r["image_resolution"][1], value=DEFAULT_RESOLUTION, step=64)
+                    strength = gr.Slider(label="Control Strength", minimum=r["strength"][0],
+                                         maximum=r["strength"][1], value=DEFAULT_STRENGTH,
+                                         step=0.01)
                     guess_mode = gr.Checkbox(label="Guess Mode", value=False)
                     low_threshold = gr.Slider(label="Canny low threshold",
-                                              minimum=r["low_threshold"][1],
-                                              maximum=r["low_threshold"][2], value=100, step=1)
+                                              minimum=r["low_threshold"][0],
+                                              maximum=r["low_threshold"][1],
+                                              value=DEFAULT_LOW_THRESHOLD, step=1)
                     high_threshold = gr.Slider(label="Canny high threshold",
-                                               minimum=r["high_threshold"][1],
-                                               maximum=r["high_threshold"][2], value=200, step=1)
-                    ddim_steps = gr.Slider(label="Steps", minimum=r["ddim_steps"][1],
-                                           maximum=r["ddim_steps"][2], value=20, step=1)
-                    scale = gr.Slider(label="Guidance Scale", minimum=r["scale"][1],
-                                      maximum=r["scale"][2], value=9.0, step=0.1)
-                    seed = gr.Slider(label="Seed", minimum=r["seed"][1], maximum=r["seed"][2],
+                                               minimum=r["high_threshold"][0],
+                                               maximum=r["high_threshold"][1],
+                                               value=DEFAULT_HIGH_THRESHOLD, step=1)
+                    ddim_steps = gr.Slider(label="Steps", minimum=r["ddim_steps"][0],
+                                           maximum=r["ddim_steps"][1], value=DEFAULT_STEPS, step=1)
+                    scale = gr.Slider(label="Guidance Scale", minimum=r["scale"][0],
+                                      maximum=r["scale"][1], value=DEFAULT_SCALE, step=0.1)
+                    seed = gr.Slider(label="Seed", minimum=r["seed"][0], maximum=r["seed"][1],
                                      step=1, randomize=True)
                     eta = gr.Number(label="eta (DDIM)", value=0.0)
                     a_prompt = gr.Textbox(label="Added Prompt", value=A_PROMPT)
@@ -440,6 +470,13 @@ def create_demo(pipeline, banner=None):
     return demo
 
 
+def launch(demo, server_name="127.0.0.1", server_port=7860, **kwargs):
+    """demo.launch with the upload limit (runtime/inputs.py's MAX_UPLOAD_BYTES, fitted to the
+    pixel limit); returns what launch returns."""
+    return demo.launch(server_name=server_name, server_port=server_port,
+                       max_file_size=MAX_UPLOAD_BYTES, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Startup
 # ---------------------------------------------------------------------------------------------
@@ -461,42 +498,56 @@ def no_checkpoint_banner():
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    from runtime.cli import _Parser
+    p = _Parser(
+        prog="gradio_canny2image.py",
         description="ControlNet canny2image demo (Gradio). Opens on http://127.0.0.1:7860.")
-    p.add_argument("--ckpt", help="checkpoint (.pth/.ckpt/.safetensors); default: "
-                   "./models/control_sd15_canny.pth or .safetensors when present")
-    p.add_argument("--random-weights", action="store_true",
-                   help="seeded random weights instead of a checkpoint (outputs are noise)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ckpt", help="checkpoint (.pth/.ckpt/.safetensors); default: "
+                         "./models/control_sd15_canny.pth or .safetensors when present")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="seeded random weights instead of a checkpoint (outputs are noise)")
+    weights.add_argument("--tiny", action="store_true",
+                         help="tiny model (models/cldm_tiny.yaml) with random weights: a quick "
+                              "smoke run")
     p.add_argument("--device", default="auto",
-                   help="auto (every visible GPU, else CPU), cpu, cuda or cuda:N")
+                   help="auto (every visible GPU, else CPU), cpu, cuda (every GPU) or cuda:N")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="reference: upstream-exact fp32; fast: the fast runtime (GPU only). "
                         "Default: fast on a GPU when this build has it, else reference")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny model (models/cldm_tiny.yaml) with random weights: a quick smoke run")
     p.add_argument("--low-vram", action="store_true",
                    help="upstream's config.save_memory: sliced attention, and the UNet/ControlNet "
                         "and the VAE/CLIP take turns on the GPU (runtime/lowvram.py)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the start-up request of the default shape on each GPU (then the "
                         "first request pays for compiling kernels and capturing graphs)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_port, default=7860)
     p.add_argument("--listen", action="store_true",
                    help="bind 0.0.0.0 (reachable from other machines); default 127.0.0.1 only")
     p.add_argument("--share", action="store_true", help="create a public gradio.live link")
     return p.parse_args(argv)
 
 
+def _port(text):
+    port = int(text) if text.isdigit() else -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: use 1..65535")
+    return port
+
+
 def _devices(spec):
-    if spec == "auto":
-        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    """The devices to serve on (one pipeline each) for --device, or SystemExit with one line."""
+    if spec == "auto" and not torch.cuda.is_available():
         return ["cpu"]
-    if spec == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no GPU is visible to torch")
+    if spec in ("auto", "cuda"):
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            raise SystemExit("error: --device cuda: no GPU is visible to torch")
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return [spec]
+    from runtime.cli import CliError, pick_device
+    try:
+        return [str(pick_device(spec))]
+    except CliError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _pipeline(model, mode, requested):
@@ -506,7 +557,7 @@ def _pipeline(model, mode, requested):
         return Canny2Image(model, mode=mode)
     except NotImplementedError as e:
         if requested:
-            raise SystemExit(f"--mode {mode}: {e}") from None
+            raise SystemExit(f"error: --mode {mode}: {e}") from None
         log.warning("fast mode unavailable (%s): using reference mode", e)
         return Canny2Image(model, mode="reference")
 
@@ -521,7 +572,7 @@ def build_pipelines(args):
     on_gpu = devices[0].startswith("cuda")
     mode = args.mode or ("fast" if on_gpu else "reference")
     if mode == "fast" and not on_gpu:
-        raise SystemExit("--mode fast needs a GPU: use --mode reference on the CPU")
+        raise SystemExit("error: --mode fast needs a GPU: use --mode reference on the CPU")
 
     banner = None
     ckpt = None
@@ -531,8 +582,6 @@ def build_pipelines(args):
         config, random_weights = CONFIG_TINY, True
         banner = "Tiny model with random weights (`--tiny`): a smoke test, outputs are noise."
     elif args.random_weights:
-        if args.ckpt:
-            raise SystemExit("pass either --ckpt or --random-weights, not both")
         banner = "Random weights (`--random-weights`): outputs are noise."
     else:
         ckpt = args.ckpt or find_checkpoint()
@@ -553,17 +602,23 @@ def build_pipelines(args):
 
 
 def main(argv=None):
+    """Start the demo; every start-up error ends in one line and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
         pipelines, banner = build_pipelines(args)
-    except CheckpointError as e:
+    except (CheckpointError, InputError) as e:
         raise SystemExit(f"error: {e}") from None
+    except OUT_OF_MEMORY:
+        raise SystemExit("error: out of GPU memory while loading the model") from None
     if not args.no_warmup:
         warm_up(pipelines)
     demo = create_demo(pipelines, banner=banner)
-    demo.launch(server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port,
-                share=args.share)
+    try:
+        launch(demo, server_name="0.0.0.0" if args.listen else "127.0.0.1",
+               server_port=args.port, share=args.share)
+    except OSError as e:          # e.g. the port is taken
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels.py --out benchmarks/results [--compile] [--quick] [--only attention]
 
-Shapes: tests/data/hotspots_512.json (a copy of ../shared/reference/) (UNet/ControlNet at batch 2 = cond+uncond, VAE at
+Shapes: tests/data/hotspots_512.json (the project's reference shapes) (UNet/ControlNet at batch 2 = cond+uncond, VAE at
 batch 1), fp16. Timing: triton.testing.do_bench (median, 20/80 % quantiles, L2 flushed between
 runs). Ceilings measured in the same run: a 1 GiB device copy (TB/s, read+write) and an 8192³
 fp16 matmul (TFLOP/s). Each row is independent: an error is recorded in the row, the run goes on.

@@ -47,6 +47,7 @@ sys.path.insert(0, REPO)
 from benchmarks.profile_step import family_cell, profile_step  # noqa: E402
 from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.fast import FastOptions, owner  # noqa: E402
+from runtime.inputs import A_PROMPT, CONFIG_FULL, N_PROMPT  # noqa: E402
 from runtime.sample import sample_image  # noqa: E402
 from runtime.weights import build_model  # noqa: E402
 
@@ -61,9 +62,7 @@ ABLATION = [
     ("+cuda_graph", dict(cuda_graph=True, two_streams=True)),
     ("+fusions", dict(fusions=None)),   # kernels.DEFAULT_FUSIONS (= full fast mode)
 ]
-PROMPT, A_PROMPT = "a house under the sun", "best quality, extremely detailed"
-N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
-            "cropped, worst quality, low quality")
+PROMPT = "a house under the sun"
 
 
 def ablation_options(upto, dtype):
@@ -301,7 +300,7 @@ def main():
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--tag", default=None)
-    ap.add_argument("--config", default=os.path.join(REPO, "models", "cldm_v15.yaml"),
+    ap.add_argument("--config", default=CONFIG_FULL,
                     help="model config (models/cldm_tiny.yaml for a quick CPU smoke run)")
     ap.add_argument("--_compile-child", dest="compile_child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -10,6 +10,9 @@ wrote.
 import logging
 import os
 import pickle
+import pickletools
+import warnings
+import zipfile
 
 import safetensors
 import safetensors.torch
@@ -62,26 +65,82 @@ def _unsafe_pickle_message(path, references):
 
 
 def _torch_load(path, location):
+    """torch.load(weights_only=True), every failure a CheckpointError: a pickle that wants to run
+    code (or build other objects) is named as such, anything else is a damaged or foreign file."""
     try:
-        return torch.load(path, map_location=torch.device(location), weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only turns every pickle problem into an UnpicklingError: tell a pickle that
-        # carries code (or other objects) apart from a damaged file.
-        try:
-            references = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:
-            references = []
-        if references or "global" in str(e).lower():
+        with warnings.catch_warnings(record=True) as caught:
+            # e.g. "Detected pickle protocol 4": noise for a user, kept for the debug log
+            warnings.simplefilter("always")
+            state = torch.load(path, map_location=torch.device(location), weights_only=True)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:    # a junk file gets IndexError, KeyError, ... from the unpickler
+        references = _unsafe_globals(path)
+        if references or (isinstance(e, pickle.UnpicklingError) and "global" in str(e).lower()):
             raise CheckpointError(_unsafe_pickle_message(path, references or ["unknown"])) from e
-        raise CheckpointError(_damaged_message(path, "not a valid pickle")) from e
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointError(_damaged_message(path, e)) from e
+    for w in caught:
+        logger.debug("torch.load(%s): %s", path, w.message)
+    return state
+
+
+def _unsafe_globals(path):
+    """The Python objects (module.name) a checkpoint's pickles reference beyond what
+    weights_only allows; the pickles are only read, never run. torch answers for its zip format;
+    plain pickles and torch's legacy format (a few pickles in a row) are scanned here."""
+    try:
+        if zipfile.is_zipfile(path):
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        allowed = _weights_only_allowed()
+        with open(path, "rb") as f:
+            return [g for g in dict.fromkeys(_pickle_globals(f)) if g not in allowed]
+    except Exception:
+        return []
+
+
+def _weights_only_allowed():
+    """module.name of what torch.load(weights_only=True) accepts (torch's list + user additions)."""
+    from torch import _weights_only_unpickler
+    names = set(_weights_only_unpickler._get_allowed_globals())
+    for g in torch.serialization.get_safe_globals():
+        g = g[0] if isinstance(g, tuple) else g
+        names.add(f"{g.__module__}.{g.__qualname__}")
+    return names
+
+
+def _pickle_globals(f, max_pickles=8):
+    """module.name of every GLOBAL / STACK_GLOBAL / INST in the pickles at the start of file f
+    (pickletools only decodes opcodes). STACK_GLOBAL takes its two names from the stack: the last
+    two strings pushed, directly or from the memo."""
+    for _ in range(max_pickles):
+        strings, memo = [], {}
+        try:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    yield arg.replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    yield f"{strings[-2]}.{strings[-1]}"
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT") and strings:
+                    memo[arg] = strings[-1]
+                elif op.name in ("GET", "BINGET", "LONG_BINGET") and arg in memo:
+                    strings.append(memo[arg])
+                elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                    strings.append(arg)
+        except Exception:     # past the last pickle (tensor data) or not a pickle at all
+            return
 
 
 def _damaged_message(path, error):
-    detail = str(error).split(". ")[0].strip() if str(error) else type(error).__name__
-    return (f"Could not read checkpoint {path}: the file is truncated or corrupted ({detail}). "
-            f"Download it again (compare its size with {CHECKPOINT_URL}).")
+    if isinstance(error, (RuntimeError, EOFError, OSError, ValueError)) and str(error):
+        detail = str(error).split(". ")[0].strip()
+    elif isinstance(error, EOFError):
+        detail = "the file ends too early" if os.path.getsize(path) else "the file is empty"
+    else:                     # IndexError 'pop from empty list' and the like say nothing useful
+        detail = "not a PyTorch checkpoint"
+    return (f"Could not read checkpoint {path}: it is not a checkpoint, or it is truncated or "
+            f"corrupted ({detail}). Download it again (compare its size with {CHECKPOINT_URL}).")
 
 
 def _unwrap(d, path):
@@ -137,8 +196,9 @@ def _shape(value):
     return list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def check_state_dict(model, state_dict, source="checkpoint"):
-    """Raise CheckpointError listing missing and unexpected keys and shape mismatches, if any."""
+def check_state_dict(model, state_dict, source="checkpoint", config="models/cldm_v15.yaml"):
+    """Raise CheckpointError listing missing and unexpected keys and shape mismatches, if any;
+    `config` is the model's config, named in the message."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -155,14 +215,15 @@ def check_state_dict(model, state_dict, source="checkpoint"):
     raise CheckpointError(
         f"{source} does not fit the model ({len(expected)} tensors expected, {len(state_dict)} "
         f"found): " + ", ".join(problems) + ". Check that the checkpoint is an SD1.5 ControlNet "
-        "(control_sd15_*.pth) and that the config matches it (models/cldm_v15.yaml).")
+        f"(control_sd15_*.pth) and that the config matches it ({config}).")
 
 
-def load_checkpoint(model, path, location="cpu"):
+def load_checkpoint(model, path, location="cpu", config="models/cldm_v15.yaml"):
     """Strictly load a checkpoint file into `model` and return the model.
 
     The CLIP text-model keys may come in either transformers layout; a checkpoint without the
-    legacy `position_ids` key gets the model's own (0..76). Parameters still on the meta device
+    legacy `position_ids` key gets the model's own (0..76); `config` (the model's) is named if
+    the checkpoint does not fit. Parameters still on the meta device
     are replaced by the loaded tensors (cast to the model's dtype) instead of copied into.
     """
     state_dict = load_state_dict(path, location=location)
@@ -170,7 +231,7 @@ def load_checkpoint(model, path, location="cpu"):
     state_dict = _match_clip_layout(state_dict, expected)
     if POSITION_IDS in expected and POSITION_IDS not in state_dict:
         state_dict[POSITION_IDS] = expected[POSITION_IDS].clone()
-    check_state_dict(model, state_dict, source=f"Checkpoint {path}")
+    check_state_dict(model, state_dict, source=f"Checkpoint {path}", config=config)
     assign = any(p.is_meta for p in model.parameters())
     if assign:
         state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}

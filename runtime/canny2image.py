@@ -19,10 +19,9 @@ from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.ddim_hacked import DDIMSampler
 from runtime import lowvram
-from runtime.errors import InputError
+from runtime.errors import InputError, require_finite
 from runtime.fast import FastRunner, owner
-from runtime.inputs import (MAX_PROMPT_CHARS, MODES, check_inputs, control_scales,  # noqa: F401
-                            resized_shape, to_uint8_image)
+from runtime.inputs import MODES, check_inputs, control_scales
 from runtime.prompt_cache import PromptCache
 from runtime.seed import seed_everything
 
@@ -178,6 +177,7 @@ class Canny2Image:
 
         lowvram.shift(model, is_diffusing=False)
         x_samples = model.decode_first_stage(samples)
+        require_finite(x_samples, "reference mode")      # a check only: finite values unchanged
         x_samples = (x_samples.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy()
         x_samples = x_samples.clip(0, 255).astype(np.uint8)
         return [x_samples[i] for i in range(batch)]

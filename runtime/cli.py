@@ -12,7 +12,8 @@ Choices made here (upstream has no CLI):
   run is made smaller (CPU_RESOLUTION, CPU_STEPS) so the full-size model finishes in a few
   minutes on two cores; the choice is printed at start.
 * Images are read with OpenCV as stored (RGB(A) after BGR swap, gray, or 16-bit, which the
-  pipeline reduces to 8 bit by >> 8).
+  pipeline reduces to 8 bit by >> 8), after PIL has checked the size in the file's header
+  (runtime/inputs.py's MAX_INPUT_PIXELS): nothing too large is ever decoded.
 * Random weights are said in every file name (`_random-weights`), in the PNG text chunk
   "weights" and in the final line: such images are noise, not results.
 Every error ends in one line on stderr and a non-zero exit status, without a traceback. A folder
@@ -22,21 +23,19 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
+import warnings
 
 import numpy as np
 
-from runtime.errors import InputError
+from runtime.errors import InputError, NonFiniteOutputError
+from runtime.inputs import (A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_ETA,
+                            DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, DEFAULT_RESOLUTION,
+                            DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH, MODES, N_PROMPT,
+                            check_inputs, check_pixels)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FULL = os.path.join(REPO, "models", "cldm_v15.yaml")
-CONFIG_TINY = os.path.join(REPO, "models", "cldm_tiny.yaml")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-A_PROMPT = "best quality, extremely detailed"
-N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
-            "cropped, worst quality, low quality")
-DEFAULT_RESOLUTION, DEFAULT_STEPS = 512, 20
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Full-size model, fp32, torch's 2 CPU threads, sample image (256x320 px), measured in CPU time
 # (process_time, robust to other jobs on the machine): model build with random weights 11 s, one
 # DDIM step (two model calls) 19.5 s, VAE decode 13 s. The whole default command
@@ -51,8 +50,14 @@ class CliError(Exception):
     """A failure explained in one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag in one line (argparse's default adds the whole usage)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="canny2image",
         description="ControlNet canny2image (SD1.5 + ControlNet; upstream-exact reference mode or "
                     "fast mode): edge map + generated images as PNGs.")
@@ -70,13 +75,17 @@ def parse_args(argv):
     p.add_argument("--ddim-steps", type=int, default=None,
                    help=f"DDIM steps (default {DEFAULT_STEPS}; {CPU_STEPS} on a CPU-only machine)")
     p.add_argument("--guess-mode", action="store_true", help="guess mode")
-    p.add_argument("--strength", type=float, default=1.0, help="control strength (default 1.0)")
-    p.add_argument("--scale", type=float, default=9.0, help="guidance scale (default 9.0)")
+    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                   help="control strength (default %(default)s)")
+    p.add_argument("--scale", type=float, default=DEFAULT_SCALE,
+                   help="guidance scale (default %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help="seed; -1 for a random one (default %(default)s)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--low-threshold", type=float, default=100, help="Canny low (default 100)")
-    p.add_argument("--high-threshold", type=float, default=200, help="Canny high (default 200)")
+    p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM eta (default %(default)s)")
+    p.add_argument("--low-threshold", type=float, default=DEFAULT_LOW_THRESHOLD,
+                   help="Canny low (default %(default)s)")
+    p.add_argument("--high-threshold", type=float, default=DEFAULT_HIGH_THRESHOLD,
+                   help="Canny high (default %(default)s)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--ckpt", default=None,
                          help="checkpoint (.pth/.ckpt/.safetensors; default "
@@ -84,11 +93,12 @@ def parse_args(argv):
     weights.add_argument("--random-weights", action="store_true",
                          help="full-size model with seeded random weights (images are noise)")
     weights.add_argument("--tiny", action="store_true",
-                         help="tiny model (models/cldm_tiny.yaml) with random weights: a smoke test")
+                         help="tiny model (models/cldm_tiny.yaml) with random weights: a smoke "
+                              "test")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--device", default="auto",
                    help="auto (the accelerator if there is one, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--mode", choices=("reference", "fast"), default=None,
+    p.add_argument("--mode", choices=MODES, default=None,
                    help="reference: upstream-exact fp32; fast: fp16, batched guidance, kernels, "
                         "CUDA/HIP graph (runtime/fast/). Default: fast on a GPU, else reference")
     p.add_argument("--low-vram", action="store_true",
@@ -153,20 +163,53 @@ def list_inputs(path):
 
 
 def read_image(path):
-    """RGB(A)/gray array as stored (uint8 or uint16), or CliError."""
+    """RGB(A)/gray array as stored (uint8 or uint16), or CliError. The size is checked on the
+    header (PIL reads it without decoding; OpenCV cannot) before OpenCV decodes the file."""
     import cv2
+    import PIL.Image
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        with warnings.catch_warnings():       # PIL warns from 89 MP on: we refuse from 50 MP on
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as header:
+                width, height = header.size
+    except PIL.Image.DecompressionBombError:
+        raise CliError(f"{path}: the image is too large (over "
+                       f"{2 * PIL.Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels): downscale it "
+                       f"first") from None
+    except PIL.UnidentifiedImageError:
+        raise CliError(f"{path}: not an image that can be read (use PNG or JPEG)") from None
     except OSError as e:
         raise CliError(f"{path}: cannot read the file ({e.strerror or e})") from None
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    try:
+        check_pixels(width, height)
+    except InputError as e:
+        raise CliError(f"{path}: {e}") from None
+    data = np.fromfile(path, dtype=np.uint8)
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)   # no "[ WARN ...]" lines
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     if image is None:
-        raise CliError(f"{path}: not an image OpenCV can read (use PNG or JPEG)")
+        raise CliError(f"{path}: not an image that can be read, or truncated (use PNG or JPEG)")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise CliError(f"{path}: {image.dtype} pixels are not supported: save it as an 8- or "
+                       f"16-bit PNG, or a JPEG")
     if image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     elif image.ndim == 3 and image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
     return image
+
+
+def check_outdir(path):
+    """Create the output folder and make sure files can be written there, before any work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise CliError(f"--outdir {path}: cannot write there ({e.strerror or e})") from None
 
 
 def write_png(path, image, text):
@@ -196,7 +239,6 @@ def build_pipeline(args, device):
 
 def run(args):
     from runtime import folder_job
-    from runtime.canny2image import check_inputs
     from runtime.sample import SAMPLE_NAME, SAMPLE_PROMPT, sample_image
 
     try:
@@ -261,10 +303,7 @@ def run(args):
         if not os.path.isfile(ckpt):
             raise CliError(missing_checkpoint_message(ckpt)
                            + " To try the pipeline without it, pass --random-weights or --tiny.")
-    try:
-        os.makedirs(args.outdir, exist_ok=True)
-    except OSError as e:
-        raise CliError(f"--outdir {args.outdir}: cannot create it ({e.strerror or e})") from None
+    check_outdir(args.outdir)
     if folder:
         try:
             tasks, parts = folder_job.start(
@@ -353,10 +392,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="canny2image: %(message)s")
     try:
         run(args)
-    except CliError as e:
-        print(f"canny2image: error: {e}", file=sys.stderr)
-        return 1
-    except InputError as e:
+    except (CliError, InputError, NonFiniteOutputError) as e:
         print(f"canny2image: error: {e}", file=sys.stderr)
         return 1
     except MemoryError:
@@ -369,15 +405,20 @@ def main(argv=None):
     except Exception as e:   # keep the promise of one line; details with CANNY2IMAGE_DEBUG=1
         if os.environ.get("CANNY2IMAGE_DEBUG"):
             raise
-        name = type(e).__name__
-        if "OutOfMemory" in name:
+        if _is_out_of_memory(e):
             print("canny2image: error: out of device memory: try a lower --image-resolution or "
                   "fewer --num-samples", file=sys.stderr)
         else:
-            print(f"canny2image: error: {name}: {e} (set CANNY2IMAGE_DEBUG=1 for the traceback)",
-                  file=sys.stderr)
+            print(f"canny2image: error: {type(e).__name__}: {e} (set CANNY2IMAGE_DEBUG=1 for the "
+                  f"traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _is_out_of_memory(error):
+    import torch
+    # torch.OutOfMemoryError since torch 2.5 (CUDA and HIP); torch.cuda's is the same class
+    return isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ accept the result is the one upstream computes. Ranges (UI range in brackets):
   low/high_threshold finite 0..2040 (the largest 3x3 Sobel L1 gradient) [1..255]; low > high is
                    allowed: cv2.Canny swaps them, as upstream would.
   prompts          str of at most 10000 characters (CLIP keeps 77 tokens anyway)
+  input image      at most MAX_INPUT_PIXELS (50 MP), checked on the file's header before
+                   decoding where the caller has a file (CLI, demo), else on the array
   resized image    each side at most 8192 px (a very long panorama would exhaust memory)
 Integral floats (512.0, as some UI sliders send) are accepted where an integer is needed.
 
@@ -26,7 +28,6 @@ import os
 
 import math
 import numbers
-import random
 
 import numpy as np
 
@@ -63,6 +64,21 @@ MAX_SCALE = 100.0
 MAX_THRESHOLD = 2040.0
 MAX_PROMPT_CHARS = 10000
 MAX_SIDE = 8192
+# 50 MP passes any ordinary photo (a 48 MP phone picture, 8K video frames) and keeps the decoded
+# RGB copy under 150 MB. (A 1-bit PNG of 30000x30000 px is 109 KB on disk and 4.3 GB decoded.)
+MAX_INPUT_PIXELS = 50_000_000
+# The largest upload the demo takes: an uncompressed 8-bit RGB picture at the pixel limit (a 50 MP
+# JPEG is ~25 MB; only uncompressed 16-bit colour files at the limit are larger).
+MAX_UPLOAD_BYTES = 3 * MAX_INPUT_PIXELS
+
+
+def check_pixels(width, height):
+    """InputError if a width x height image is over MAX_INPUT_PIXELS (call it before decoding)."""
+    if width * height > MAX_INPUT_PIXELS:
+        raise InputError(
+            f"the image is too large: {width}x{height} = {width * height / 1e6:.0f} megapixels "
+            f"(at most {MAX_INPUT_PIXELS / 1e6:.0f}); downscale it first (it is resized to "
+            f"image_resolution anyway)")
 
 
 def _integer(name, value, low, high):
@@ -94,7 +110,8 @@ def _text(name, value):
     if not isinstance(value, str):
         raise InputError(f"{name} must be a string, got {type(value).__name__}")
     if len(value) > MAX_PROMPT_CHARS:
-        raise InputError(f"{name} is too long: {len(value)} characters (at most {MAX_PROMPT_CHARS})")
+        raise InputError(
+            f"{name} is too long: {len(value)} characters (at most {MAX_PROMPT_CHARS})")
     return value
 
 
@@ -109,6 +126,7 @@ def to_uint8_image(image):
             f"input_image must have 1, 3 or 4 channels (gray, RGB, RGBA), got shape {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise InputError(f"input_image is empty (shape {image.shape})")
+    check_pixels(image.shape[1], image.shape[0])
     if image.dtype == np.uint16:
         return (image >> 8).astype(np.uint8)
     if image.dtype != np.uint8:

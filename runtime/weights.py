@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -41,11 +42,11 @@ from cldm.model import (
     missing_checkpoint_message,
 )
 from runtime import lowvram
+from runtime.inputs import CONFIG_FULL, REPO
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "models", "cldm_v15.yaml")
+DEFAULT_CONFIG = CONFIG_FULL
 
 RANDOM_WEIGHT_THREADS = min(16, os.cpu_count() or 1)
 BRANCH_GAIN = 0.3
@@ -139,6 +140,12 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register_parameter
 
 
+def _shown_path(path):
+    """`path` relative to the repository when it is inside it (as a user would type it)."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, REPO) if os.path.commonpath([path, REPO]) == REPO else path
+
+
 def _checkpoint_reader(path):
     """(shapes, get) for a checkpoint file: {key: shape or non-tensor value} and get(key) -> the
     tensor in host memory. A .safetensors file is read one tensor at a time from its memory map
@@ -154,7 +161,9 @@ def _checkpoint_reader(path):
             raise
         return shapes, handle.get_tensor
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # torch's pickle warnings: not for the one-line errors
+            warnings.simplefilter("ignore")
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state_dict = state_dict.get("state_dict", state_dict)
         state_dict = state_dict.get("state_dict", state_dict)     # twice, as upstream
     except Exception:
@@ -166,7 +175,7 @@ def _checkpoint_reader(path):
 
 
 @torch.no_grad()
-def _load_checkpoint(model, path, device_of, dtype):
+def _load_checkpoint(model, path, device_of, dtype, config):
     """Strict load of `path` into a model whose parameters are on the meta device: each tensor
     is read, cast (parameters to `dtype`, buffers keep theirs) and moved to device_of(key) on its
     own, so neither a float32 copy on the device nor (for safetensors) a second copy of the state
@@ -179,7 +188,7 @@ def _load_checkpoint(model, path, device_of, dtype):
                  else shapes[f] for k, f in file_key.items()}
     if POSITION_IDS in expected and POSITION_IDS not in stand_ins:
         stand_ins[POSITION_IDS] = expected[POSITION_IDS]
-    check_state_dict(model, stand_ins, source=f"Checkpoint {path}")
+    check_state_dict(model, stand_ins, source=f"Checkpoint {path}", config=config)
     loaded = {}
     for key, ref in expected.items():
         value = get(file_key[key]) if key in file_key else ref.clone()
@@ -220,6 +229,6 @@ def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, dev
     if random_weights:
         random_weights_(model, seed=seed, device=device_of, dtype=dtype)
     else:
-        _load_checkpoint(model, ckpt, device_of, dtype)
+        _load_checkpoint(model, ckpt, device_of, dtype, _shown_path(config_path))
         model.random_weights = False
     return lowvram.place(model, device).eval()

@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "models", "cldm_tiny.yaml")
 FULL_CONFIG = os.path.join(REPO, "models", "cldm_v15.yaml")
-# Copies of ../shared/reference/ (the exact upstream state dict, every hot shape), so the suite
-# runs from any checkout.
+# The project's reference data (the exact upstream state dict, every hot shape), kept in the repo
+# so the suite runs from any checkout (tests/test_self_contained.py checks nothing reads outside).
 REFERENCE_DATA = os.path.join(REPO, "tests", "data")
 
 

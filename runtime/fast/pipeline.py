@@ -15,6 +15,7 @@ from runtime.fast.nets import FastNets
 from runtime.fast.options import FastOptions
 from runtime.fast.precompute import CrossKV, Precompute, ddim_schedule
 from runtime.fast.step import Step, control_rows, model_calls
+from runtime.errors import require_finite
 from runtime.seed import seed_everything
 
 
@@ -225,7 +226,10 @@ class FastRunner:
             z = fallback.redo_in_fp32(self.nets, self.options.dtype, hint, ctx_c, ctx_u, x_T,
                                       ddim_steps, guess_mode, strength, scale, eta)
             info["redone_fp32"] = True
-        images = self.to_uint8(self.decode(z))
+        x = self.decode(z)
+        require_finite(x, "fast mode, also after its float32 redo" if self.options.nan_check
+                       else "fast mode, nan_check off")
+        images = self.to_uint8(x)
         info["seconds"] = time.perf_counter() - t0
         self.last_info = info
         return images

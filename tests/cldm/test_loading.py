@@ -226,3 +226,75 @@ def test_full_size_round_trips(tmp_path):
     model = build_model(FULL_CONFIG, ckpt=path)
     os.remove(path)
     assert _digests(model) == reference
+
+
+@pytest.mark.parametrize("name, content", [
+    ("text.pth", b"this is a text file\nwith lines\n"),     # gave IndexError: pop from empty list
+    ("hello.pth", b"hello world"),                             # gave KeyError 101
+    ("hello.ckpt", b"hello world"),
+    ("hello.safetensors", b"hello world"),
+    ("zeros.pth", b"\0" * 1000),
+    ("png.pth", b"\x89PNG\r\n\x1a\n" + b"\0" * 100),
+])
+def test_junk_files_end_in_checkpoint_error(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"Could not read checkpoint .*(not a checkpoint|"
+                                              r"truncated or corrupted)") as info:
+        load_state_dict(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_plain_pickle_of_data_is_not_a_checkpoint(tmp_path):
+    import pickle
+    path = tmp_path / "plain.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"a": 1}, f, protocol=4)
+    with pytest.raises(CheckpointError, match="it is not a checkpoint"):
+        load_state_dict(str(path))
+
+
+@pytest.mark.parametrize("how", ["pickle protocol 0", "pickle protocol 2", "pickle protocol 4",
+                                 "pickle protocol 5", "torch legacy format", "torch zip format"])
+def test_every_pickle_that_wants_to_run_code_is_named(tmp_path, how):
+    """Not only torch's zip format: plain pickles (any protocol) and torch's legacy format name
+    the object they would call (a plain pickle of a tensor also names torch's
+    _load_from_bytes, which unpickles without weights_only), and nothing runs."""
+    import pickle
+    marker = tmp_path / "pwned"
+    path = str(tmp_path / "evil.pth")
+    obj = {"state_dict": {"w": torch.ones(2)}, "hook": RunsShellCommand(f"touch {marker}")}
+    if how.startswith("pickle"):
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=int(how.split()[-1]))
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=how.endswith("zip format"))
+    with pytest.raises(CheckpointError, match=r"Refusing to load .*evil\.pth: its pickle "
+                                              r"references Python objects \(.*(posix|nt)\.system"):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+def test_legacy_torch_file_of_tensors_still_loads(tmp_path, tiny_state_dict):
+    path = str(tmp_path / "legacy.pth")
+    torch.save({"state_dict": tiny_state_dict}, path, _use_new_zipfile_serialization=False)
+    loaded = load_state_dict(path)
+    assert list(loaded) == list(tiny_state_dict)
+
+
+def test_no_torch_warning_leaks(tmp_path, recwarn):
+    import pickle
+    path = tmp_path / "p4.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"a": 1}, f, protocol=4)       # torch warns "Detected pickle protocol 4"
+    with pytest.raises(CheckpointError):
+        load_state_dict(str(path))
+    assert not [w for w in recwarn if "pickle" in str(w.message).lower()]
+
+
+def test_mismatch_names_the_config_in_use(tmp_path, tiny_state_dict):
+    path = str(tmp_path / "wrong.safetensors")
+    sd = {k: v for k, v in tiny_state_dict.items() if "zero_convs.0" not in k}
+    safetensors.torch.save_file(sd, path)
+    with pytest.raises(CheckpointError, match=r"config matches it \(models/cldm_tiny\.yaml\)"):
+        build_model(TINY_CONFIG, ckpt=path)

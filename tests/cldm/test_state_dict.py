@@ -1,5 +1,5 @@
 """The full-size ControlLDM, built on the meta device, has upstream's exact state dict
-(tests/data/keys_control_sd15.tsv, a copy of ../shared/reference/) and parameter counts (spec §6)."""
+(tests/data/keys_control_sd15.tsv, the project's reference list) and parameter counts (spec §6)."""
 import os
 
 import pytest

@@ -70,7 +70,7 @@ def test_folder_input_and_sixteen_bit(images, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["{missing}", "--tiny"], "no such file or folder"),
-    (["{bad}", "--tiny"], "not an image OpenCV can read"),
+    (["{bad}", "--tiny"], "not an image that can be read"),
     (["{empty}", "--tiny"], "no images in this folder"),
     (["--tiny", "--ddim-steps", "0"], r"ddim_steps must be in 1\.\.1000"),
     (["--tiny", "--seed", "-5"], "seed must be in -1"),
