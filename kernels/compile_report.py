@@ -140,6 +140,12 @@ def record(target_name: str, model=None, batches=(1, 2), size=512, channels_last
         for net in (model.model.diffusion_model, model.control_model):
             hooks += [m.register_forward_hook(lambda m, i, o: o.contiguous(memory_format=torch.channels_last))
                       for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    # The decoder's skip concatenations: fast mode's decoder (not the model's forward) calls the
+    # "skip_cat" fusion, so its launches are made here, at the shapes the UNet forward shows.
+    unet = model.model.diffusion_model
+    skips, cats = [], []
+    hooks += [b.register_forward_hook(lambda m, i, o: skips.append(o)) for b in unet.input_blocks]
+    hooks += [b.register_forward_pre_hook(lambda m, i: cats.append(i[0])) for b in unet.output_blocks]
     with platform.as_target(target_name) as t, _recording(t, sink, site), torch.no_grad():
         handle = kernels.patch(model, strict=True)  # a fallback would hide a launch: raise
         try:
@@ -150,7 +156,18 @@ def record(target_name: str, model=None, batches=(1, 2), size=512, channels_last
                 cond = {"c_concat": [torch.empty(B, 3, size, size, dtype=torch.float16, **meta, **fmt)],
                         "c_crossattn": [torch.empty(B, 77, 768, dtype=torch.float16, **meta)]}
                 site[0] = f"unet+control B{B}"
+                skips.clear()
+                cats.clear()
                 model.apply_model(x, torch.zeros(B, dtype=torch.long, **meta), cond)
+                if "skip_cat" in handle.fusions:
+                    from .residual import skip_cat
+                    site[0] = f"decoder skip_cat B{B}"
+                    scale = torch.empty(1, dtype=torch.float16, **meta)
+                    for j, cat in enumerate(cats[:len(unet.output_blocks)]):
+                        skip = skips[-1 - j]
+                        n, c, hh, ww = cat.shape
+                        h = torch.empty(n, c - skip.shape[1], hh, ww, dtype=cat.dtype, **meta, **fmt)
+                        skip_cat(h, skip, torch.empty_like(skip), scale)
                 site[0] = f"clip B{B}"
                 model.cond_stage_model.transformer(input_ids=torch.zeros(B, 77, dtype=torch.long, **meta))
             site[0] = "vae decode B1"
