@@ -69,7 +69,7 @@ def test_single_process_processes_the_others_and_names_the_bad_file(single, fold
     err = result.stderr.strip().splitlines()
     bad = str(folder / "img2_corrupt.png")
     failed = [line for line in err if "FAILED" in line]
-    assert failed == [f"canny2image: FAILED {bad}: not an image OpenCV can read (use PNG or JPEG)"]
+    assert failed == [f"canny2image: FAILED {bad}: not an image that can be read (use PNG or JPEG)"]
     assert err[-1].startswith("canny2image: error: 1 of 6 files failed")
     assert "img2_corrupt.png" in err[-1]
     assert "Traceback" not in result.stderr
@@ -128,9 +128,9 @@ def test_every_bad_file_is_named_once_and_the_rest_is_written(tmp_path, capsys):
     assert code == 1
     failed = [line for line in err.splitlines() if "FAILED" in line]
     assert len(failed) == 3
-    assert "a_text.png: not an image OpenCV can read" in failed[0]
+    assert "a_text.png: not an image that can be read" in failed[0]
     assert "m_panorama.png: the image would be resized to" in failed[1]
-    assert "z_empty.jpg: not an image OpenCV can read" in failed[2]
+    assert "z_empty.jpg: not an image that can be read" in failed[2]
     last = err.strip().splitlines()[-1]
     assert last.startswith("canny2image: error: 3 of 5 files failed")
     assert all(n in last for n in ("a_text.png", "m_panorama.png", "z_empty.jpg"))
