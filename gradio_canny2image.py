@@ -514,7 +514,7 @@ def parse_args(argv=None):
                    help="auto (every visible GPU, else CPU), cpu, cuda (every GPU) or cuda:N")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="reference: upstream-exact fp32; fast: the fast runtime (GPU only). "
-                        "Default: fast on a GPU when this build has it, else reference")
+                        "Default: fast on a GPU (with --low-vram too), else reference")
     p.add_argument("--low-vram", action="store_true",
                    help="upstream's config.save_memory: sliced attention, and the UNet/ControlNet "
                         "and the VAE/CLIP take turns on the GPU (runtime/lowvram.py)")
@@ -548,18 +548,6 @@ def _devices(spec):
         return [str(pick_device(spec))]
     except CliError as e:
         raise SystemExit(f"error: {e}") from None
-
-
-def _pipeline(model, mode, requested):
-    """Canny2Image in `mode`; a default (not requested) fast mode falls back to reference when
-    this build cannot run it yet."""
-    try:
-        return Canny2Image(model, mode=mode)
-    except NotImplementedError as e:
-        if requested:
-            raise SystemExit(f"error: --mode {mode}: {e}") from None
-        log.warning("fast mode unavailable (%s): using reference mode", e)
-        return Canny2Image(model, mode="reference")
 
 
 def build_pipelines(args):
@@ -596,7 +584,7 @@ def build_pipelines(args):
         log.info("building the model on %s (%s, %s)", device, os.path.basename(config),
                  ckpt or "random weights")
         model = build_model(config, ckpt=ckpt, random_weights=random_weights, device=device)
-        pipelines.append(_pipeline(model, mode, requested=args.mode is not None))
+        pipelines.append(Canny2Image(model, mode=mode))    # --low-vram too (runtime/lowvram.py)
     log.info("mode: %s, %d queue worker(s)", pipelines[0].mode, len(pipelines))
     return pipelines, banner
 

@@ -20,6 +20,7 @@ device, versions, commit (git, else the GIT_COMMIT variable) and the command.
 
   python benchmarks/bench_startup.py                       # GPU: the full set (~4 min on an H200)
   python benchmarks/bench_startup.py --tiny --device cpu   # smoke run on the tiny model (seconds)
+  python benchmarks/bench_startup.py --tiny --device cpu --modes fast fast-lowvram   # its fast rows
 
 Needs what the CLI needs (torch, numpy, opencv, safetensors, omegaconf, PyYAML); no gradio,
 diffusers, open_clip or ftfy.
@@ -166,7 +167,7 @@ def launch(spec, triton_cache, timeout):
 def plan(args):
     """(launch name, spec) in order: the default mode cold then warm, then the other modes."""
     gpu = args.device.startswith("cuda")
-    modes = [m for m in args.modes if gpu or not m.startswith("fast")]
+    modes = args.modes
     first = "fast" if gpu and "fast" in modes else modes[0]
     base = dict(device=args.device, tiny=args.tiny, size=args.size, steps=args.steps)
 
@@ -252,7 +253,9 @@ def parse_args(argv=None):
     ap.add_argument("--size", type=int, default=None, help="image side (default 512; tiny: 64)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20; tiny: 2)")
-    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                    help="default: all on a GPU; on the CPU the reference ones (fast mode runs "
+                         "there only in fp32 without kernels or graphs: name it to smoke-test it)")
     ap.add_argument("--repeats", type=int, default=3, help="steady requests per fast row")
     ap.add_argument("--ref-repeats", type=int, default=1, help="steady requests per reference row")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per launch")
@@ -260,6 +263,9 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default=None, help="file name tag (default: device and date)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.modes is None:
+        gpu = args.device.startswith("cuda")
+        args.modes = [m for m in MODES if gpu or not m.startswith("fast")]
     args.size = args.size or (64 if args.tiny else 512)
     args.steps = args.steps or (2 if args.tiny else 20)
     return args

@@ -36,18 +36,15 @@ class Canny2Image:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if options is not None and mode != "fast":
             raise InputError(f"options are for mode 'fast', not {mode!r}")
-        if mode == "fast" and lowvram.enabled():
-            # build_model left the UNet and ControlNet in host memory for low_vram_shift; fast
-            # mode must instead keep its own copies resident (runtime/lowvram.py): not wired yet.
-            raise NotImplementedError("fast mode does not run under low-VRAM mode yet: use "
-                                      "--mode reference with --low-vram")
-        self.fast = FastRunner(model, options) if mode == "fast" else None
+        self.prompts = PromptCache()      # CLIP results of recent prompts (bit-identical)
+        # Under low-VRAM mode the fast runner keeps its fp16 UNet and ControlNet resident and
+        # brings CLIP and the VAE in for their phase (runtime/fast/nets.py, runtime/lowvram.py).
+        self.fast = FastRunner(model, options, self.prompts) if mode == "fast" else None
         self.model = model
         self.mode = mode
         self.apply_canny = CannyDetector()
         self.ddim_sampler = DDIMSampler(model)
         self.last_seed = None
-        self.prompts = PromptCache()      # CLIP results of recent prompts (bit-identical)
 
     def close(self):
         """Fast mode: free its graphs and give the model back as it was. Reference mode: no-op."""

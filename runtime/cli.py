@@ -237,6 +237,13 @@ def build_pipeline(args, device):
     return Canny2Image(model, mode=args.mode)
 
 
+def default_mode(device):
+    """fast on a GPU (with --low-vram too: it keeps its fp16 diffusion networks resident and
+    brings CLIP and the VAE in for their phase), reference on the CPU."""
+    import torch
+    return "reference" if torch.device(device).type == "cpu" else "fast"
+
+
 def run(args):
     from runtime import folder_job
     from runtime.sample import SAMPLE_NAME, SAMPLE_PROMPT, sample_image
@@ -247,8 +254,7 @@ def run(args):
     except folder_job.JobError as e:
         raise CliError(str(e)) from None
     if args.mode is None:
-        # low-VRAM: reference until fast mode keeps its networks resident (runtime/lowvram.py)
-        args.mode = "reference" if device.type == "cpu" or args.low_vram else "fast"
+        args.mode = default_mode(device)
     say = lambda msg: print(f"canny2image: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if ranks.rank != 0:   # under torchrun rank 0 speaks for the job; the others only fail loudly
         say = lambda msg: None  # noqa: E731

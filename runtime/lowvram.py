@@ -10,18 +10,22 @@ Reference mode calls `shift()` at those three points; it does nothing unless sav
 
 Fast mode keeps CUDA/HIP graphs of its diffusion step, and a replayed graph reads its weights at
 the addresses it was captured with: the fast UNet and ControlNet must never move. Fast mode
-therefore does not call low_vram_shift; it keeps its diffusion networks resident and brings only
-the text encoder and the VAE onto the device for their phase, with `resident(module, device)`:
+therefore does not call low_vram_shift: it converts the UNet and ControlNet to fp16 in host memory
+(where build_model left them), puts them on the device for the runner's whole life, and brings
+only CLIP (fp32) and the VAE (fp16) onto the device for their phase (runtime/fast/nets.py,
+pipeline.py), with `resident(module, device)`:
 
-    with lowvram.resident(fast_clip, device):     # only on a prompt-cache miss
-        context = fast_clip(tokens)
+    with lowvram.resident(clip, device):          # only on a prompt-cache miss
+        context = clip(tokens)
     ...                                           # graphs replay: UNet/ControlNet never moved
     with lowvram.resident(fast_vae, device):
         images = fast_vae.decode(latents)
 
 Outside low-VRAM mode `resident()` leaves the module where it is (it should already live on the
-device) and costs nothing. Fast mode needs no sliced attention: its attention kernels never hold
-the [N, N] logits of more than one tile.
+device) and costs nothing. Sliced attention is class-wide (CrossAttention.forward), but fast
+mode's kernels.patch replaces the forwards of its CrossAttention instances anyway (SDPA, the
+Triton kernel, cached text K/V: all memory-efficient, none holds the [N, N] logits), so it only
+runs in fast mode's fp32 redo (FastNets.fp32() takes the patch off), as in reference mode.
 """
 import contextlib
 import logging

@@ -5,19 +5,24 @@ A hit returns a copy of exactly the tensor the encoder returned for the same tex
 are bit-identical to running it. Entries are keyed by the texts (the whole list: a batch of B
 copies is encoded as a batch, as without the cache) and by a fingerprint of the text encoder
 that changes whenever its output could:
-* each parameter and buffer: identity, version counter (every in-place write: load_state_dict,
-  copy_, random_weights_), dtype, device and shape;
+* each parameter: identity, version counter (every in-place write: load_state_dict, copy_,
+  random_weights_), dtype, device and shape; each buffer: name, dtype, device, shape (a move
+  replaces buffer tensors, so not their identity) and, for integer buffers, their values;
 * the L2 norm (in float64) of each floating tensor: conversions (.half(), .to(...)) swap a
   tensor's data without touching its version, a round trip through float16 changes values but
   neither dtype nor device, and writes through `.data` bump no version (one fused reduction
   reading every weight, ~0.5 GB at SD1.5 size: ~0.1 ms on a GPU, a few 100 ms on two CPU cores,
   where CLIP itself takes seconds);
 * each submodule's instance-level forward (kernels.patch replaces those).
-Moves keep values and version: after low-VRAM mode's shifts (to the CPU and back) it still hits.
+Moves keep values, parameters and versions: after low-VRAM mode's shifts (to the CPU and back,
+tests/runtime/test_lowvram.py moves between two host "devices") it still hits,
+as long as the encoder is where it was (low-VRAM fast mode fingerprints it in host memory, where
+it lives between misses: one norm pass over 123 M CLIP values on the CPU instead of 0.5 GB moved).
 Anything else that could change the outputs without changing these (a tensor's `.data` swapped
 for one with other values but the same norm): call clear().
 """
 import collections
+import contextlib
 import weakref
 
 import torch
@@ -27,11 +32,17 @@ DEFAULT_ENTRIES = 32      # a 12-image entry at SD1.5 size is 12·77·768·4 B =
 
 def encoder_fingerprint(encoder):
     """A value that changes whenever `encoder`'s weights or forwards (could) have changed."""
-    tensors = [*encoder.parameters(), *encoder.buffers()]
-    floats = [t.detach() for t in tensors if t.is_floating_point()]
+    params = list(encoder.parameters())
+    buffers = list(encoder.named_buffers())
+    floats = [t.detach() for t in params + [b for _, b in buffers] if t.is_floating_point()]
     norms = (torch.stack(torch._foreach_norm(floats, 2, dtype=torch.float64)).tolist()
              if floats else [])
-    return (tuple((id(t), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors),
+    # A move gives every buffer a new tensor (parameters keep theirs): buffers go by name, and
+    # the integer ones (CLIP's 77 position_ids) by value, as no norm covers them.
+    return (tuple((id(t), t._version, t.dtype, t.device, tuple(t.shape)) for t in params),
+            tuple((name, t.dtype, t.device, tuple(t.shape),
+                   None if t.is_floating_point() else tuple(t.flatten().tolist()))
+                  for name, t in buffers),
             tuple(norms), tuple(id(m.__dict__.get("forward")) for m in encoder.modules()))
 
 
@@ -53,7 +64,9 @@ class PromptCache:
         self._entries.clear()
 
     @torch.no_grad()
-    def encode(self, model, texts):
+    def encode(self, model, texts, around=None):
+        """`around()`, if given, is a context manager entered only to run the encoder on a miss
+        (low-VRAM fast mode: lowvram.resident(CLIP, device)), so a hit moves nothing."""
         texts = tuple(texts)
         encoder = model.cond_stage_model
         key = (id(encoder), encoder_fingerprint(encoder), texts)
@@ -63,7 +76,8 @@ class PromptCache:
             self.hits += 1
             return entry[1].clone()
         self.misses += 1
-        result = model.get_learned_conditioning(list(texts))
+        with around() if around is not None else contextlib.nullcontext():
+            result = model.get_learned_conditioning(list(texts))
         self._entries[key] = (weakref.ref(encoder), result.clone())
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -504,3 +504,26 @@ def test_warm_up_runs_the_default_shape_on_gpu_pipelines_only():
     assert (kwargs["num_samples"], kwargs["image_resolution"], kwargs["ddim_steps"]) == (1, 512, 20)
     assert app.warm_up([cpu]) == 0.0
     assert app.parse_args(["--no-warmup"]).no_warmup and not app.parse_args([]).no_warmup
+
+
+def test_low_vram_fast_mode_does_not_fall_back(monkeypatch):
+    """--low-vram on a GPU (device list stubbed; the tiny model built on the CPU): a real
+    fast-mode pipeline, not reference mode."""
+    import config
+    import runtime.weights
+    from cldm.hack import disable_sliced_attention
+    from tests.conftest import TINY_CONFIG
+
+    real = runtime.weights.build_model
+    monkeypatch.setattr(app, "_devices", lambda spec: ["cuda:0"])
+    monkeypatch.setattr(runtime.weights, "build_model", lambda *a, **k: real(
+        TINY_CONFIG, random_weights=True, seed=0, device="cpu"))
+    try:
+        pipelines, _ = app.build_pipelines(app.parse_args(["--tiny", "--low-vram"]))
+        assert config.save_memory
+        (pipe,) = pipelines
+        assert pipe.mode == "fast" and pipe.fast is not None
+        pipe.close()
+    finally:
+        config.save_memory = False
+        disable_sliced_attention()

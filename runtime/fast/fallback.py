@@ -37,7 +37,7 @@ def redo_in_fp32(nets, dtype, *args):
     """reference_sample(*args) with the fp32 weights, after a non-finite run in `dtype`."""
     logger.warning("fast mode: non-finite latents in %s; redoing this generation in fp32 on the "
                    "reference sampler", dtype)
-    with nets.fp32() as model:
+    with nets.fp32(("unet", "control")) as model:      # the sampler needs no VAE
         return reference_sample(model, *args)
 
 

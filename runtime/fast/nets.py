@@ -10,6 +10,12 @@ and reference-mode work on it (the fp32 redo, reference mode on the same object)
 `fp32()`, which brings the original weights from host memory for the duration and takes the
 kernel patch off, so it runs upstream's numerics exactly. The fast tensors stay allocated while
 it runs, so captured graphs stay valid; `close()` puts the original weights back for good.
+
+Low-VRAM mode (runtime/lowvram.py): build_model left the fp32 UNet and ControlNet in host
+memory; they are converted there and only the fast copies go to the device, to stay for the
+runner's life; CLIP and the VAE live in host memory between their phases (`_place_for_low_vram`).
+`fp32()` brings the originals it needs to the device as without low-VRAM (the fp32 redo then
+holds the fp16 and fp32 networks at once: a rare path, over the low-VRAM budget while it runs).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from torch import nn
 import kernels
 from kernels.patch import KERNELS
 from ldm.modules.diffusionmodules.util import GroupNorm32
+from runtime import lowvram
 from runtime.fast.options import resolve_attention
 
 logger = logging.getLogger(__name__)
@@ -67,13 +74,20 @@ class FastNets:
         o = options
         target = {"unet": (o.dtype, o.channels_last), "control": (o.dtype, o.channels_last),
                   "vae": (o.vae_dtype, False)}
-        self._host = {}    # net name -> [(module, name, is_param, fp32 original on the host)]
+        # net name -> [(module, name, is_param, fp32 original in host memory, its device)]; a
+        # tensor already in host memory (low-VRAM mode) is kept itself, not copied: the
+        # conversion gives the module new tensors and leaves the original alone.
+        self._host = {}
         for n, net in self.nets.items():
             dtype, cl = target[n]
             if cl or any(t.dtype != dtype for *_, t in _tensors(net) if t.is_floating_point()):
-                self._host[n] = [(m, k, p, t.detach().to("cpu", copy=True))
+                self._host[n] = [(m, k, p, t.detach().cpu(), t.device)
                                  for m, k, p, t in _tensors(net)]
                 self._convert(net, dtype, cl)
+        self.low_vram = lowvram.enabled()
+        self._clip_device = None
+        if self.low_vram:
+            self._place_for_low_vram(model)
         self.handle = None
         self._fp32_names = None  # inside fp32(): the networks brought so far
         self._holder = nn.ModuleDict(self.nets)  # one root for the patch of all three
@@ -82,6 +96,25 @@ class FastNets:
         model.__dict__[_OWNER] = self
         logger.info("fast mode: %s (attention %s: %s)", self.handle, self.attention,
                     self.attention_reason)
+
+    def _place_for_low_vram(self, model):
+        """Low-VRAM mode: the fast UNet and ControlNet on the device for the runner's whole life
+        (captured graphs read their weights at fixed addresses: never low_vram_shift them); CLIP
+        and the VAE in host memory, brought in by lowvram.resident() for their phase only.
+
+        The VAE (fp16: ~160 MB at full size) is not kept resident: the peak of a generation is
+        its decode, where the VAE is on the device either way (weights + ~0.5 GB of 512²
+        activations on top of the ~2.27 GiB of fp16 UNet + ControlNet), and off the device
+        during the diffusion it leaves that much more for the step's activations and graph pool
+        (a pool's memory stays reserved on the card between requests). The cost: ~160 MB moved
+        in and out per decode (~15 ms over PCIe 4)."""
+        # Converted in host memory first (above), so only the fast dtype crosses the bus.
+        self.unet.to(self.device)
+        self.control.to(self.device)
+        self.vae.to(lowvram.HOST)
+        clip = model.cond_stage_model
+        self._clip_device = next(clip.parameters()).device
+        clip.to(lowvram.HOST)
 
     @staticmethod
     def _convert(net, dtype, channels_last):
@@ -111,15 +144,15 @@ class FastNets:
         """Are Triton kernels patched in (not only the SDPA / cached-K/V forwards)?"""
         return self.handle is not None and any(self.handle.counts[k]["sites"] for k in KERNELS)
 
-    def _originals(self, names, dtype=None):
-        """Put the host originals of `names` on the device (as `dtype` if given); return what was
-        there before, to put back."""
+    def _originals(self, names, dtype=None, home=False):
+        """Put the host originals of `names` on the device (as `dtype` if given), or with `home`
+        where they were before fast mode; return what was there before, to put back."""
         saved = []
         for n in names:
-            for mod, name, is_param, host in self._host.get(n, ()):
+            for mod, name, is_param, host, where in self._host.get(n, ()):
                 current = getattr(mod, name)
                 saved.append((mod, name, is_param, current.data if is_param else current))
-                value = host.to(self.device)
+                value = host.to(where if home else self.device)
                 if dtype is not None and value.is_floating_point():
                     value = value.to(dtype)
                 _assign(mod, name, is_param, value)
@@ -153,7 +186,12 @@ class FastNets:
         if self.closed:
             return
         self._unpatch()
-        self._originals(NETS)
+        self._originals(NETS, home=True)
+        if self.low_vram:      # the placement build_model / low_vram_shift(False) left
+            for net in (self.unet, self.control):
+                net.to(lowvram.HOST)
+            self.vae.to(self.device)
+            self.model.cond_stage_model.to(self._clip_device)
         self._host.clear()
         self.model.__dict__.pop(_OWNER, None)
         self.closed = True

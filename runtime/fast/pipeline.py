@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from runtime import inputs
+from runtime import inputs, lowvram
 from runtime.fast import fallback
 from runtime.fast.graphs import GraphCache, Key
 from runtime.fast.nets import FastNets
@@ -16,6 +16,7 @@ from runtime.fast.options import FastOptions
 from runtime.fast.precompute import CrossKV, Precompute, ddim_schedule
 from runtime.fast.step import Step, control_rows, model_calls
 from runtime.errors import require_finite
+from runtime.prompt_cache import PromptCache
 from runtime.seed import seed_everything
 
 
@@ -34,10 +35,13 @@ class FastRunner:
     """Fast-mode generation on a ControlLDM. Converts the model's UNet, ControlNet and VAE in
     place and owns the model until close() (runtime/fast/nets.py says what that means)."""
 
-    def __init__(self, model, options: Optional[FastOptions] = None):
+    def __init__(self, model, options: Optional[FastOptions] = None,
+                 prompts: Optional[PromptCache] = None):
+        """`prompts`: the PromptCache for the text encoder (None: a new one)."""
         self.model = model
         self.device = model.device
         self.options = o = options or FastOptions.for_device(self.device)
+        self.prompts = prompts if prompts is not None else PromptCache()
         self.kv = CrossKV()
         self.pre = Precompute(model, o.dtype, o.channels_last)   # before the nets convert
         self.nets = FastNets(model, o, self.kv)
@@ -180,11 +184,20 @@ class FastRunner:
         is decoded again in fp32 (with a warning)."""
         o = self.options
         zs = (1.0 / self.model.scale_factor) * z
-        with self._on_device(), _cudnn_benchmark(o.cudnn_benchmark):
+        with self._on_device(), _cudnn_benchmark(o.cudnn_benchmark), \
+                lowvram.resident(self.vae, self.device):       # low-VRAM: host VAE, for now
             x = self.vae.decode(zs.to(o.vae_dtype)).float()
             if o.nan_check and not bool(torch.isfinite(x).all()):
                 x = fallback.decode_in_fp32(self.nets, z, o.vae_dtype)
         return x
+
+    def encode(self, texts):
+        """CLIP outputs of `texts` through the prompt cache; in low-VRAM mode CLIP comes to the
+        device only on a miss (a repeated prompt moves nothing)."""
+        clip = self.model.cond_stage_model
+        with self._on_device():
+            return self.prompts.encode(self.model, texts,
+                                       around=lambda: lowvram.resident(clip, self.device))
 
     @staticmethod
     def to_uint8(x):
@@ -211,7 +224,7 @@ class FastRunner:
         # one map: one hint row (its rows are identical); several: num_samples rows per map
         hint = hints[0][None] if len(maps) == 1 else torch.stack(hints).repeat_interleave(n, 0)
         # One CLIP call for both prompts (rows are independent), expanded to the batch.
-        ctx = self.model.get_learned_conditioning([prompt, n_prompt])
+        ctx = self.encode([prompt, n_prompt]).to(self.device)
         ctx_c = ctx[0:1].expand(B, -1, -1).contiguous()
         ctx_u = ctx[1:2].expand(B, -1, -1).contiguous()
         # x_T as the reference sampler draws it: seed_everything, then randn (CLIP draws nothing)

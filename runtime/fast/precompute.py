@@ -51,9 +51,11 @@ class Precompute:
 
     def __init__(self, model, dtype, channels_last):
         cn, unet = model.control_model, model.model.diffusion_model
-        self.hint_block = copy.deepcopy(cn.input_hint_block).float()
-        self.time_embed_unet = copy.deepcopy(unet.time_embed).float()
-        self.time_embed_control = copy.deepcopy(cn.time_embed).float()
+        # on the model's device: the networks may still be in host memory (low-VRAM mode)
+        device = model.device
+        self.hint_block = copy.deepcopy(cn.input_hint_block).float().to(device)
+        self.time_embed_unet = copy.deepcopy(unet.time_embed).float().to(device)
+        self.time_embed_control = copy.deepcopy(cn.time_embed).float().to(device)
         self.model_channels = unet.model_channels
         self.dtype, self.channels_last = dtype, channels_last
 

@@ -44,3 +44,18 @@ def test_plan_runs_the_default_mode_cold_then_warm_then_the_rest():
     assert [spec["mode"] for _, spec in bench_startup.plan(cpu)] == [
         "reference", "reference", "reference-lowvram"]
     assert (cpu.size, cpu.steps) == (64, 2)
+
+
+def test_fast_low_vram_row_on_the_tiny_model(tmp_path):
+    """The fast-lowvram row builds and runs fast mode under --low-vram (not a fallback to
+    reference) and gives the images of the fast row (on the CPU fast mode is fp32 and the
+    low-VRAM moves stay in host memory, so bit for bit)."""
+    code = bench_startup.main(["--tiny", "--device", "cpu", "--modes", "fast", "fast-lowvram",
+                               "--batches", "1", "--steps", "1", "--repeats", "1",
+                               "--out", str(tmp_path), "--tag", "fast"])
+    assert code == 0
+    result = json.loads((tmp_path / "startup_fast.json").read_text())
+    assert [(r["mode"], r["launch"], r["pipeline_mode"]) for r in result["records"]] == [
+        ("fast", "cold", "fast"), ("fast", "warm", "fast"), ("fast-lowvram", "warm", "fast")]
+    assert {(c["a"], c["b"]): c["identical"] for c in result["checks"]} == {
+        ("fast", "fast-lowvram"): True, ("fast cold", "fast warm"): True}

@@ -144,3 +144,28 @@ def test_low_vram_flag_sets_save_memory_before_the_build_and_changes_no_pixel(im
     assert outputs[True].keys() == outputs[False].keys() and len(outputs[True]) == 2
     for name, pixels in outputs[False].items():
         np.testing.assert_array_equal(outputs[True][name], pixels)
+
+
+def test_low_vram_on_a_gpu_defaults_to_fast_mode(images, capsys, monkeypatch):
+    """The mode decision with the device stubbed to a GPU: --low-vram no longer means reference
+    (fast mode keeps its fp16 diffusion networks resident under it); on the CPU: reference."""
+    import torch
+
+    from runtime import cli, folder_job
+    chosen = []
+
+    def build_pipeline(args, device):
+        chosen.append((str(device), args.mode, args.low_vram))
+        raise cli.CliError("stop before the build")
+    monkeypatch.setattr(cli, "build_pipeline", build_pipeline)
+    monkeypatch.setattr(folder_job, "rank_device", lambda device, ranks: device)
+    monkeypatch.setattr(cli, "pick_device", lambda spec: torch.device(
+        "cuda:0" if spec == "auto" else spec))
+    box = str(images / "box.png")
+    for argv in ([box, "--tiny", "--low-vram"], [box, "--tiny"],
+                 [box, "--tiny", "--low-vram", "--device", "cpu"],
+                 [box, "--tiny", "--low-vram", "--mode", "reference"]):
+        code, _, err = _run(argv, capsys)
+        assert code == 1 and "stop before the build" in err, err
+    assert chosen == [("cuda:0", "fast", True), ("cuda:0", "fast", False),
+                      ("cpu", "reference", True), ("cuda:0", "reference", True)]

@@ -218,6 +218,171 @@ def test_share_switches_on_sliced_attention_only_under_save_memory():
         disable_sliced_attention()
 
 
-def test_fast_mode_refuses_low_vram_until_it_is_wired(model, save_memory):
-    with pytest.raises(NotImplementedError, match="--mode reference with --low-vram"):
-        Canny2Image(model, mode="fast")
+# --- fast mode under low-VRAM -------------------------------------------------------------
+
+HOST_MARK = torch.device("cpu", 0)   # lowvram.HOST in these tests: host memory, told apart from
+                                     # the model's device (cpu, no index) by the recorders
+
+
+def _record(model, events):
+    """Record every device move of the four networks and their forwards, in `events`; returns
+    an undo."""
+    nets = {"unet": model.model.diffusion_model, "control": model.control_model,
+            "vae": model.first_stage_model, "clip": model.cond_stage_model}
+    hooks = [model.cond_stage_model.transformer.register_forward_pre_hook(
+                 lambda m, a: events.append(("run", "clip"))),
+             model.first_stage_model.decoder.register_forward_pre_hook(
+                 lambda m, a: events.append(("run", "vae"))),
+             model.model.diffusion_model.out.register_forward_pre_hook(
+                 lambda m, a: events.append(("run", "diffusion"))),
+             model.control_model.middle_block_out.register_forward_pre_hook(
+                 lambda m, a: events.append(("run", "diffusion")))]
+    for name, net in nets.items():
+        real = net.to
+
+        def to(*args, _name=name, _real=real, **kwargs):
+            where = args[0] if args and not isinstance(args[0], torch.dtype) else \
+                kwargs.get("device")
+            if where is not None:
+                events.append(("to", _name, torch.device(where)))
+            return _real(*args, **kwargs)
+        net.__dict__["to"] = to
+
+    def undo():
+        for h in hooks:
+            h.remove()
+        for net in nets.values():
+            net.__dict__.pop("to", None)
+    return undo
+
+
+def _squeeze(events):
+    """Consecutive repeats folded (the diffusion's many UNet/ControlNet forwards: one entry)."""
+    return [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]
+
+
+def test_fast_mode_under_low_vram_same_images_networks_in_place(model, image, save_memory,
+                                                               monkeypatch):
+    """Fast mode (bf16 on the CPU: the in-place conversion runs) under low-VRAM mode: the very
+    same images as without it; the fast UNet and ControlNet go to the device once and never
+    move while it runs; CLIP comes to the device only to encode a prompt the cache has not seen,
+    the VAE only to decode; close() gives back build_model's low-VRAM placement and weights."""
+    from runtime.fast import FastOptions
+    config.save_memory = False
+    disable_sliced_attention()
+    options = FastOptions.for_device("cpu", dtype="bf16")
+    pipe = Canny2Image(model, mode="fast", options=options)
+    try:
+        plain = pipe.process(image, **PARAMS)
+    finally:
+        pipe.close()
+
+    lowvram.configure(low_vram=True)
+    monkeypatch.setattr(lowvram, "HOST", HOST_MARK)
+    dev = model.device
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unet_weight = model.model.diffusion_model.out[2].weight.data
+    events = []
+    undo = _record(model, events)
+    try:
+        pipe = Canny2Image(model, mode="fast", options=options)
+        host = {t[3].data_ptr() for t in pipe.fast.nets._host["unet"]}
+        assert unet_weight.data_ptr() in host              # the host original itself, no copy
+        assert pipe.fast.unet.out[2].weight.dtype == torch.bfloat16
+        built = _squeeze(events)
+        events.clear()
+        low = pipe.process(image, **PARAMS)
+        first = _squeeze(events)
+        events.clear()
+        again = pipe.process(image, **PARAMS)
+        second = _squeeze(events)
+        events.clear()
+        pipe.close()
+        closed = _squeeze(events)
+    finally:
+        undo()
+    assert built == [("to", "unet", dev), ("to", "control", dev), ("to", "vae", HOST_MARK),
+                     ("to", "clip", HOST_MARK)]
+    vae = [("to", "vae", dev), ("run", "vae"), ("to", "vae", HOST_MARK)]
+    assert first == [("to", "clip", dev), ("run", "clip"), ("to", "clip", HOST_MARK),
+                     ("run", "diffusion")] + vae
+    assert second == [("run", "diffusion")] + vae          # a repeated prompt: CLIP stays put
+    assert pipe.prompts.hits == 1 and pipe.prompts.misses == 1
+    assert closed == [("to", "unet", HOST_MARK), ("to", "control", HOST_MARK),
+                      ("to", "vae", dev), ("to", "clip", dev)]
+    for a, b, c in zip(plain, low, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype
+               for k in before)
+
+
+def test_fast_mode_under_low_vram_redoes_in_fp32(model, image, save_memory, caplog):
+    """The NaN/Inf redo under low-VRAM mode: the fp32 originals come from host memory for it,
+    the result equals the clean run's within a step of rounding, and the fast networks are back."""
+    import logging
+
+    from runtime.fast import FastOptions
+    pipe = Canny2Image(model, mode="fast", options=FastOptions.for_device("cpu", dtype="bf16"))
+    try:
+        clean = pipe.process(image, **PARAMS)
+        hook = pipe.fast.pre.time_embed_unet.register_forward_hook(lambda m, a, o: o * float("nan"))
+        try:
+            with caplog.at_level(logging.WARNING, logger="runtime.fast"):
+                redone = pipe.process(image, **PARAMS)
+        finally:
+            hook.remove()
+        assert pipe.fast.last_info.get("redone_fp32")
+        assert pipe.fast.unet.out[2].weight.dtype == torch.bfloat16
+    finally:
+        pipe.close()
+    np.testing.assert_array_equal(redone[0], clean[0])
+    for a, b in zip(redone[1:], clean[1:]):      # fp32 reference sampler vs bf16 fast mode
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 8
+
+
+@pytest.mark.gpu
+def test_fast_low_vram_peak_memory_at_512_batch_1(save_memory, record_property):
+    """Full-size SD1.5 + ControlNet (random weights), fast mode under low-VRAM, 512², batch 1,
+    20 steps: what stays on the GPU between requests is the fp16 UNet + ControlNet (+ the small
+    precompute copies and the graph's buffers), CLIP and the VAE are in host memory, and the
+    peak of a steady request is recorded, not asserted (issue 10's target: <= 2.5 GiB; the
+    decode's activations at 512² come on top of ~2.27 GiB of resident fp16 weights, so it is
+    not certain: docs/memory_and_startup.md). Asserted: the peak stays within the fp16 weights
+    of the three networks + 1 GiB."""
+    import os
+
+    from runtime.sample import sample_image
+    from runtime.weights import build_model
+    from tests.conftest import REPO
+    full = os.path.join(REPO, "models", "cldm_v15.yaml")
+    model = build_model(full, random_weights=True, seed=0, device="cuda")
+    params = dict(PARAMS, num_samples=1, image_resolution=512, ddim_steps=20)
+    picture = sample_image(512, 512)
+    gib = 2 ** 30
+
+    def fp16_bytes(net):
+        return sum(p.numel() * 2 for p in net.parameters())
+    pipe = Canny2Image(model, mode="fast")
+    try:
+        held = torch.cuda.memory_allocated()
+        pipe.process(picture, **params)                  # capture
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        pipe.process(picture, **params)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        for name in ("first_stage_model", "cond_stage_model"):
+            assert {p.device.type for p in getattr(model, name).parameters()} == {"cpu"}, name
+    finally:
+        pipe.close()
+    diffusion = fp16_bytes(model.model) + fp16_bytes(model.control_model)
+    vae = fp16_bytes(model.first_stage_model)
+    record_property("fast_low_vram_peak_gib", round(peak / gib, 3))
+    record_property("fast_low_vram_held_after_build_gib", round(held / gib, 3))
+    print(f"fast low-VRAM 512² batch 1: peak {peak / gib:.3f} GiB, held after build "
+          f"{held / gib:.3f} GiB, fp16 UNet+ControlNet {diffusion / gib:.3f} GiB, VAE "
+          f"{vae / gib:.3f} GiB (target 2.5 GiB)")
+    assert held <= diffusion + 0.1 * gib
+    assert peak <= diffusion + vae + gib
