@@ -309,9 +309,12 @@ def test_fast_mode_tiny_fusions_match_unfused():
     for fu in ((), None):
         r = FastRunner(model, FastOptions(dtype=torch.float32, channels_last=True, cuda_graph=False,
                                           two_streams=False, fusions=fu))
-        _, info = r.sample(*inp, 1, scale=9.0)
-        eps[fu] = info["first_eps"]
-        c = r.kernel_handle.counts
+        try:
+            _, info = r.sample(*inp, 1, scale=9.0)
+            eps[fu] = info["first_eps"]
+            c = r.kernel_handle.counts
+        finally:
+            r.close()  # a fast runner owns the model until closed
     for f in kernels.DEFAULT_FUSIONS:
         assert c[f]["calls"] > 0 and c[f]["fallbacks"] == 0, (f, c[f])
     assert_close(eps[None], eps[()], torch.float32, scale=5.0)
