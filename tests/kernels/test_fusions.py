@@ -60,9 +60,8 @@ def test_bias_residual(layout, with_res, with_b2):
     assert_close(out, ref, torch.float32)
 
 
+@pytest.mark.gpu  # fp16 rounding: the interpreter's fp16 math is numpy's, not the GPU's
 def test_bias_residual_rounds_like_the_unfused_fp16_path():
-    if DEV == "cpu":
-        pytest.skip("fp16 rounding check runs on the GPU (interpreter fp16 math is numpy's)")
     h, r = _rand(2, 320, 16, 16, dtype=torch.float16), _rand(2, 320, 16, 16, dtype=torch.float16, seed=5)
     b, b2 = _rand(320, dtype=torch.float16, seed=6), _rand(320, dtype=torch.float16, seed=7)
     want = (h + b[:, None, None]) + (r + b2[:, None, None])
@@ -295,19 +294,20 @@ def test_gpu_spatial_transformer(fusion, ch, hw):
 
 # -- fast mode on the tiny model: every fusion runs, nothing falls back, same eps as unfused -------
 def test_fast_mode_tiny_fusions_match_unfused():
-    if DEV != "cpu":
-        pytest.skip("the interpreter run; on a GPU benchmarks/ab_fusions.py compares fp16 A/B")
+    """Fast mode with every default fusion vs none: each fusion runs, none falls back, the first
+    step's eps agrees (fp32 in the interpreter, fp16 on a GPU)."""
     from types import SimpleNamespace
     from benchmarks.profile_step import _inputs
     from runtime.fast import FastOptions, FastRunner
     from runtime.weights import build_model
     import os
+    dtype = torch.float32 if DEV == "cpu" else torch.float16
     model = build_model(os.path.join(os.path.dirname(__file__), "..", "..", "models", "cldm_tiny.yaml"),
-                        random_weights=True, device="cpu", seed=0)
-    inp = _inputs(SimpleNamespace(device=torch.device("cpu"), unet=model.model.diffusion_model), 64, 1)
+                        random_weights=True, device=DEV, seed=0)
+    inp = _inputs(SimpleNamespace(device=torch.device(DEV), unet=model.model.diffusion_model), 64, 1)
     eps = {}
     for fu in ((), None):
-        r = FastRunner(model, FastOptions(dtype=torch.float32, channels_last=True, cuda_graph=False,
+        r = FastRunner(model, FastOptions(dtype=dtype, channels_last=True, cuda_graph=False,
                                           two_streams=False, fusions=fu))
         try:
             _, info = r.sample(*inp, 1, scale=9.0)
@@ -317,4 +317,4 @@ def test_fast_mode_tiny_fusions_match_unfused():
             r.close()  # a fast runner owns the model until closed
     for f in kernels.DEFAULT_FUSIONS:
         assert c[f]["calls"] > 0 and c[f]["fallbacks"] == 0, (f, c[f])
-    assert_close(eps[None], eps[()], torch.float32, scale=5.0)
+    assert_close(eps[None], eps[()], dtype, scale=5.0)
