@@ -498,26 +498,16 @@ def no_checkpoint_banner():
 
 
 def parse_args(argv=None):
-    from runtime.cli import _Parser
+    from runtime.cli import _Parser, add_model_flags
     p = _Parser(
         prog="gradio_canny2image.py",
         description="ControlNet canny2image demo (Gradio). Opens on http://127.0.0.1:7860.")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--ckpt", help="checkpoint (.pth/.ckpt/.safetensors); default: "
-                         "./models/control_sd15_canny.pth or .safetensors when present")
-    weights.add_argument("--random-weights", action="store_true",
-                         help="seeded random weights instead of a checkpoint (outputs are noise)")
-    weights.add_argument("--tiny", action="store_true",
-                         help="tiny model (models/cldm_tiny.yaml) with random weights: a quick "
-                              "smoke run")
+    add_model_flags(p)
     p.add_argument("--device", default="auto",
                    help="auto (every visible GPU, else CPU), cpu, cuda (every GPU) or cuda:N")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="reference: upstream-exact fp32; fast: the fast runtime (GPU only). "
                         "Default: fast on a GPU (with --low-vram too), else reference")
-    p.add_argument("--low-vram", action="store_true",
-                   help="upstream's config.save_memory: sliced attention, and the UNet/ControlNet "
-                        "and the VAE/CLIP take turns on the GPU (runtime/lowvram.py)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the start-up request of the default shape on each GPU (then the "
                         "first request pays for compiling kernels and capturing graphs)")

@@ -56,6 +56,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_model_flags(p):
+    """The flags that choose the model (shared with the demo): --ckpt | --random-weights | --tiny,
+    and --low-vram."""
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ckpt", default=None,
+                         help="checkpoint (.pth/.ckpt/.safetensors; default "
+                              "./models/control_sd15_canny.pth)")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="full-size model with seeded random weights (images are noise)")
+    weights.add_argument("--tiny", action="store_true",
+                         help="tiny model (models/cldm_tiny.yaml) with random weights: a smoke "
+                              "test")
+    p.add_argument("--low-vram", action="store_true",
+                   help="upstream's config.save_memory: sliced attention, and the UNet/ControlNet "
+                        "and the VAE/CLIP take turns on the GPU (runtime/lowvram.py)")
+
+
 def parse_args(argv):
     p = _Parser(
         prog="canny2image",
@@ -86,24 +103,13 @@ def parse_args(argv):
                    help="Canny low (default %(default)s)")
     p.add_argument("--high-threshold", type=float, default=DEFAULT_HIGH_THRESHOLD,
                    help="Canny high (default %(default)s)")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--ckpt", default=None,
-                         help="checkpoint (.pth/.ckpt/.safetensors; default "
-                              "./models/control_sd15_canny.pth)")
-    weights.add_argument("--random-weights", action="store_true",
-                         help="full-size model with seeded random weights (images are noise)")
-    weights.add_argument("--tiny", action="store_true",
-                         help="tiny model (models/cldm_tiny.yaml) with random weights: a smoke "
-                              "test")
+    add_model_flags(p)
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--device", default="auto",
                    help="auto (the accelerator if there is one, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="reference: upstream-exact fp32; fast: fp16, batched guidance, kernels, "
                         "CUDA/HIP graph (runtime/fast/). Default: fast on a GPU, else reference")
-    p.add_argument("--low-vram", action="store_true",
-                   help="upstream's config.save_memory: sliced attention, and the UNet/ControlNet "
-                        "and the VAE/CLIP take turns on the GPU (runtime/lowvram.py)")
     p.add_argument("--outdir", default=os.path.join(".", "outputs"),
                    help="output folder (default ./outputs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
