@@ -325,7 +325,8 @@ def main():
     def write():
         env["total_s"] = time.perf_counter() - t0
         with open(base + ".json", "w") as f:
-            json.dump({"env": env, "args": dict(vars(args)), "rows": rows}, f, indent=1, default=str)
+            recorded = dict(vars(args), config=env["config"])  # repo-relative: no machine paths
+            json.dump({"env": env, "args": recorded, "rows": rows}, f, indent=1, default=str)
         with open(base + ".md", "w") as f:
             f.write(markdown(env, rows))
 
