@@ -1,3 +1,4 @@
+import json
 import os
 
 import torch
@@ -43,3 +44,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def gradio_result(url, event_id, timeout):
+    """(event, data) of a Gradio API call from its event stream: "complete" or "error"."""
+    import httpx
+    event = None
+    with httpx.stream("GET", url + f"gradio_api/call/process/{event_id}", timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: ") and event in ("error", "complete"):
+                return event, json.loads(line[len("data: "):])
+    raise AssertionError("the event stream ended without a result")

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import gradio_result
 
 # The demo is a script at the repo root, not part of the installed packages.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -203,14 +204,7 @@ def _raw_call(url, image_path, **overrides):
     data += [values[k] for k in ORDER]
     event_id = httpx.post(url + "gradio_api/call/process", content=json.dumps({"data": data}),
                           headers={"content-type": "application/json"}).json()["event_id"]
-    event = None
-    with httpx.stream("GET", url + f"gradio_api/call/process/{event_id}", timeout=60) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                event = line[len("event: "):]
-            elif line.startswith("data: ") and event in ("error", "complete"):
-                return event, json.loads(line[len("data: "):])
-    raise AssertionError("the event stream ended without a result")
+    return gradio_result(url, event_id, timeout=60)
 
 
 @pytest.mark.parametrize("key,label", [("eta", "eta (DDIM)"), ("scale", "Guidance Scale"),

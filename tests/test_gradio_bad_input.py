@@ -22,6 +22,7 @@ import PIL.ImageFile
 import PIL.ImageOps
 import pytest
 from PIL import Image
+from conftest import gradio_result
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -143,14 +144,7 @@ def raw_data(url, data):
     if response.status_code != 200:
         return response.status_code, response.text
     event_id = response.json()["event_id"]
-    event = None
-    with httpx.stream("GET", url + f"gradio_api/call/process/{event_id}", timeout=120) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                event = line[len("event: "):]
-            elif line.startswith("data: ") and event in ("error", "complete"):
-                return event, json.loads(line[len("data: "):])
-    raise AssertionError("the event stream ended without a result")
+    return gradio_result(url, event_id, timeout=120)
 
 
 def upload(url, path, name="in.png"):
