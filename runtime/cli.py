@@ -161,7 +161,12 @@ def list_inputs(path):
     elif os.path.isfile(path):
         paths = [path]
     else:
-        raise CliError(f"{path}: no such file or folder")
+        try:
+            kind = inputs.special_file(path)
+        except OSError:
+            kind = None
+        raise CliError(f"{path}: {kind}, not an image file" if kind
+                       else f"{path}: no such file or folder")
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     names = [s if stems.count(s) == 1 else os.path.basename(p).replace(".", "_")
              for s, p in zip(stems, paths)]
