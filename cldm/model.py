@@ -224,21 +224,31 @@ def _check_fits(path, device, need):
             f"be freed first.")
 
 
+def check_checkpoint_file(path, location="cpu"):
+    """What can be known before reading a checkpoint, as CheckpointError in one line: the path
+    is a readable regular file (check_checkpoint_path), `location` is a device that exists here,
+    and the tensors (a .safetensors header's total, else the file's size) fit in its free
+    memory. Returns the torch.device."""
+    check_checkpoint_path(path)
+    device = _check_location(path, location)
+    if os.path.splitext(path)[1].lower() == ".safetensors":
+        _check_fits(path, device, _safetensors_bytes(path))
+    else:
+        _check_fits(path, device, os.path.getsize(path))
+    return device
+
+
 def load_state_dict(ckpt_path, location="cpu"):
     """The tensors of a `.safetensors`, `.pth` or `.ckpt` file, one level of 'state_dict' unwrapped
     (a torch file's twice, as upstream), on `location`. Before anything is read: the path must be
     a readable regular file, the device must exist, and the tensors must fit in its memory."""
-    check_checkpoint_path(ckpt_path)
-    device = _check_location(ckpt_path, location)
-    extension = os.path.splitext(ckpt_path)[1].lower()
-    if extension == ".safetensors":
-        _check_fits(ckpt_path, device, _safetensors_bytes(ckpt_path))
+    check_checkpoint_file(ckpt_path, location)
+    if os.path.splitext(ckpt_path)[1].lower() == ".safetensors":
         try:
             state_dict = safetensors.torch.load_file(ckpt_path, device=str(location))
         except (safetensors.SafetensorError, OSError) as e:
             raise CheckpointError(_damaged_message(ckpt_path, e)) from e
     else:
-        _check_fits(ckpt_path, device, os.path.getsize(ckpt_path))
         state_dict = _unwrap(_torch_load(ckpt_path, location), ckpt_path)
     state_dict = _unwrap(state_dict, ckpt_path)
     logger.info("Loaded state_dict from [%s]", ckpt_path)
