@@ -47,7 +47,7 @@ from runtime.errors import InputError, NonFiniteOutputError  # noqa: E402
 from runtime.inputs import (  # noqa: E402
     A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD,
     DEFAULT_RESOLUTION, DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_UPLOAD_BYTES, MODES,
-    N_PROMPT, REPO, check_inputs, read_image)
+    N_PROMPT, REPO, check_inputs, pil_to_array, read_image)
 
 log = logging.getLogger("gradio_canny2image")
 
@@ -110,7 +110,7 @@ class UploadImage(gr.Image):
             return read_image(payload.path)
         except InputError as e:
             log.info("unreadable upload: %s", e)
-            raise _error(f"The uploaded file: {e}.") from None
+            raise _error(_labelled(e) + ".") from None
 
     async def async_move_resource_to_block_cache(self, url_or_file_path):
         # Gradio would download a URL named as the image (from the server: never wanted here)
@@ -184,9 +184,12 @@ def _labelled(error):
 
 
 def image_to_array(image):
-    """The uploaded image (UploadImage has decoded it) for the pipeline, or InputError."""
+    """The uploaded image (UploadImage has decoded it) for the pipeline, or InputError; a PIL
+    image (process called directly) is converted by the same rule (runtime.inputs)."""
     if image is None:
         raise InputError("No input image: upload an image first.")
+    if isinstance(image, PIL.Image.Image):
+        return pil_to_array(image)
     return image
 
 

@@ -101,7 +101,6 @@ def read_image(path):
     module's docstring (upstream's demo's). Every failure is an InputError in one line (without
     the path: callers name the file their own way)."""
     import PIL.Image
-    import PIL.ImageOps
     try:
         kind = special_file(path)
     except FileNotFoundError:
@@ -122,17 +121,21 @@ def read_image(path):
     except OSError as e:
         raise InputError(f"cannot read the file ({e.strerror or e})") from None
     with image:
-        check_pixels(*image.size)
-        if image.mode == "F":
-            raise InputError("32-bit float images are not supported: save it as an 8- or 16-bit "
-                             "PNG, or a JPEG")
-        try:
-            return _to_rgb8(image)
-        except InputError:
-            raise
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise InputError(f"the image data is truncated or corrupt ({_first_line(e)}); "
-                             f"re-save it as PNG or JPEG") from None
+        return pil_to_array(image)
+
+
+def pil_to_array(image):
+    """A PIL image (opened, not yet decoded) -> uint8 HxWx3 RGB by read_image's rule, or
+    InputError in one line. The size is checked before anything is decoded."""
+    check_pixels(*image.size)
+    if image.mode == "F":
+        raise InputError("32-bit float images are not supported: save it as an 8- or 16-bit "
+                         "PNG, or a JPEG")
+    try:
+        return _to_rgb8(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InputError(f"the image data is truncated or corrupt ({_first_line(e)}); "
+                         f"re-save it as PNG or JPEG") from None
 
 
 def _to_rgb8(image):

@@ -190,6 +190,7 @@ def check(model, height, width, samples, mode, sliced, device):
         advice.append("fast mode on a GPU")
     raise MemoryNeedError(
         f"{samples} sample{'s' if samples > 1 else ''} at {width}x{height} in {mode} mode"
-        f"{' with --low-vram' if sliced else ''} need about {needed / GB:.1f} GB of {where} "
+        f"{' with --low-vram' if sliced else ''} need{'s' if samples == 1 else ''} about "
+        f"{needed / GB:.1f} GB of {where} "
         f"memory, {max(have, 0) / GB:.1f} GB is available: try {', '.join(advice)} "
         f"({ENV}=off skips this check)")

@@ -352,7 +352,7 @@ def test_2048_refused_up_front_through_the_api(full_size_geometry, monkeypatch):
     assert time.perf_counter() - start < 1.0
     message = str(e.value)
     assert "\n" not in message
-    assert "1 sample at 2048x2048 in reference mode need about" in message, message
+    assert "1 sample at 2048x2048 in reference mode needs about" in message, message
     assert "64.0 GB is available" in message and "--low-vram" in message, message
     assert "a lower resolution" in message and "fast mode on a GPU" in message, message
     monkeypatch.setenv("CANNY2IMAGE_MEMORY", "off")                 # the override
