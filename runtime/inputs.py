@@ -117,7 +117,7 @@ def read_image(path):
         raise InputError(f"the image is too large (over {2 * PIL.Image.MAX_IMAGE_PIXELS / 1e6:.0f}"
                          f" megapixels); downscale it first") from None
     except PIL.UnidentifiedImageError:
-        raise InputError("not an image file that can be read (use PNG or JPEG)") from None
+        raise InputError("not an image that can be read (use PNG or JPEG)") from None
     except OSError as e:
         raise InputError(f"cannot read the file ({e.strerror or e})") from None
     with image:

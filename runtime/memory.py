@@ -19,13 +19,15 @@ VAE decoder's last width, s = 4 for fp32 / 2 for fp16):
   and its scaled copy, then the softmax beside it). Under --low-vram the sliced attention
   (cldm/hack.py) computes at most SLICE_BYTES of logits at a time: attention = 2 * SLICE_BYTES.
   On a GPU under --low-vram the UNet and ControlNet weights also come onto the device for the
-  diffusion (their bytes are added to the step).
+  diffusion (their bytes are added to the step; fast mode keeps its fp16 copies resident).
 * fast mode batches cond and uncond (b = 2B) in fp16 and its attention (SDPA / Triton flash) never
   holds the N x N logits: attention = 0.
 * A_UNET and A_VAE count the activations alive at the peak in units of "one map of C0 (Cv)
   channels at full resolution"; they were measured on a CPU with the full-size model's UNet +
   ControlNet and VAE (fp32, reference mode; benchmarks/memory_calibration.py, results in
   benchmarks/results/memory_cpu.json) and rounded up; SAFETY covers the allocator's fragmentation.
+  Fast mode's figures use the same constants in fp16: not measured on a GPU, an upper bound by
+  construction (its fused kernels keep fewer activations, not more).
 
 Available memory: on the CPU /proc/meminfo's MemAvailable (psutil is not a dependency); on a
 CUDA/HIP device torch.cuda.mem_get_info's free bytes plus what torch's caching allocator holds
@@ -115,8 +117,8 @@ def phases(geo, height, width, samples, mode="reference", sliced=False, device_t
         unet_attention = _attention(b * geo.heads, n, sliced) if geo.heads else 0
         vae_attention = _attention(samples, h * w, sliced) if geo.vae_attention else 0
     step = A_UNET * b * n * geo.model_channels * s + unet_attention
-    if device_type != "cpu" and diffusion_on_host:
-        step += geo.diffusion_bytes
+    if device_type != "cpu" and diffusion_on_host and mode != "fast":
+        step += geo.diffusion_bytes       # low_vram_shift brings them for the diffusion
     decode = A_VAE * samples * height * width * geo.vae_channels * s + vae_attention
     return {"diffusion step": step, "VAE decode": decode}
 

@@ -293,10 +293,10 @@ BAD_FILES = [
     ("huge_1bit.png", "too large (over 179 megapixels)"),
     ("float.tif", "32-bit float images are not supported"),
     ("truncated.png", "The image data is truncated or corrupt"),
-    ("empty.png", "Not an image file that can be read"),
-    ("text.png", "Not an image file that can be read"),
-    ("random.jpg", "Not an image file that can be read"),
-    ("drawing.svg", "Not an image file that can be read"),
+    ("empty.png", "Not an image that can be read"),
+    ("text.png", "Not an image that can be read"),
+    ("random.jpg", "Not an image that can be read"),
+    ("drawing.svg", "Not an image that can be read"),
 ]
 
 
@@ -329,7 +329,7 @@ def test_odd_formats_work(client, files, name):
 def test_concurrent_good_and_bad_requests(client, files):
     """Requests at once, good and bad: each gets its own answer, the server keeps serving."""
     cases = [("rgb.png", {}, None), ("over_limit.png", {}, "too large"),
-             ("rgb.png", {"seed": 9}, None), ("text.png", {}, "Not an image file that can be read"),
+             ("rgb.png", {"seed": 9}, None), ("text.png", {}, "Not an image that can be read"),
              ("rgb.png", {"ddim_steps": 1000}, "maximum")]
     answers = [None] * len(cases)
 

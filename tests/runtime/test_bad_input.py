@@ -173,9 +173,9 @@ def test_cli_pixel_limit_before_decoding(files, name, pattern, no_decoding, tmp_
 
 @pytest.mark.parametrize("name, pattern", [
     ("truncated.png", "the image data is truncated or corrupt"),
-    ("empty.png", "not an image file that can be read"),
-    ("text.png", "not an image file that can be read"),
-    ("junk.jpg", "not an image file that can be read"),
+    ("empty.png", "not an image that can be read"),
+    ("text.png", "not an image that can be read"),
+    ("junk.jpg", "not an image that can be read"),
     ("float.tif", "32-bit float images are not supported"),
 ])
 def test_cli_unreadable_images_no_opencv_warnings(files, name, pattern, tmp_path, capfd):
