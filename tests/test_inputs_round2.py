@@ -378,7 +378,7 @@ def test_cli_2048_refused_with_the_real_available_memory(tmp_path):
     over 100 GB; the refusal comes before any work and names the way out."""
     code, _, err = cli(*CLI_FLAGS, "--image-resolution", "2048", "--outdir", str(tmp_path))
     line = one_error_line(err)
-    assert code == 1 and "need about" in line and "GB of CPU memory" in line, line
+    assert code == 1 and "needs about" in line and "GB of CPU memory" in line, line
     assert "--low-vram" in line and "CANNY2IMAGE_MEMORY=off" in line, line
     assert os.listdir(tmp_path) == []
 
