@@ -361,6 +361,24 @@ def test_2048_refused_up_front_through_the_api(full_size_geometry, monkeypatch):
     assert pipeline.process(image, **{**PARAMS, "image_resolution": 64})
 
 
+def test_low_vram_768_x_12_refused_up_front_with_what_fits(full_size_geometry, monkeypatch,
+                                                            sliced):
+    """The issue's `--low-vram` at 768 x 12 ran 452 s, then failed: now it is refused at once
+    (the VAE decodes the 12 samples at once) and the line says how many samples fit."""
+    from runtime.canny2image import Canny2Image
+    from runtime.memory import MemoryNeedError
+    from runtime.weights import build_model
+    monkeypatch.setenv("CANNY2IMAGE_MEMORY", "24G")
+    pipeline = Canny2Image(build_model(TINY, random_weights=True, device="cpu", seed=0))
+    start = time.perf_counter()
+    with pytest.raises(MemoryNeedError) as e:
+        pipeline.process(np.zeros((768, 768, 3), np.uint8),
+                         **{**PARAMS, "image_resolution": 768, "num_samples": 12})
+    assert time.perf_counter() - start < 1.0
+    assert "12 samples at 768x768 in reference mode with --low-vram need about" in str(e.value)
+    assert "24.0 GB is available: try at most 5 samples at this resolution" in str(e.value)
+
+
 def test_demo_slider_maxima_refused_at_once(full_size_geometry, monkeypatch, client, pictures):
     from gradio_client.exceptions import AppError
     monkeypatch.setenv("CANNY2IMAGE_MEMORY", "16G")
