@@ -45,6 +45,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.profile_step import family_cell, profile_step  # noqa: E402
+from kernels import FUSIONS  # noqa: E402
 from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.fast import FastOptions, owner  # noqa: E402
 from runtime.inputs import A_PROMPT, CONFIG_FULL, N_PROMPT  # noqa: E402
@@ -60,7 +61,8 @@ ABLATION = [
     ("+precompute", dict(precompute=True)),
     ("+channels_last", dict(channels_last=True)),
     ("+cuda_graph", dict(cuda_graph=True, two_streams=True)),
-    ("+fusions", dict(fusions=None)),   # kernels.DEFAULT_FUSIONS (= full fast mode)
+    ("+fusions", dict(fusions=tuple(f for f in FUSIONS if f != "conv_gemm"))),
+    ("+conv_gemm", dict(fusions=FUSIONS)),  # small-map 3x3 convolutions as im2col + GEMM
 ]
 PROMPT = "a house under the sun"
 
@@ -161,7 +163,8 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
     results = []
     # The eager ablation steps are host-bound (~1-2 s a run): by default only at the first batch
     # size, which keeps the whole sweep under 8 minutes on an H100.
-    full = name in ("reference", "+cuda_graph", "+fusions", "compile") or args.ablation_all_batches
+    full = name in ("reference", "+cuda_graph", "+fusions", "+conv_gemm", "compile") \
+        or args.ablation_all_batches
     for size in args.sizes:
         # A square picture a little larger than `size`: resize_image gives exactly size x size.
         image = sample_image(size * 5 // 4, size * 5 // 4)

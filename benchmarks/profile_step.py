@@ -12,7 +12,15 @@ Families are read from kernel names (cuDNN/cuBLAS/PyTorch/Triton naming): conv, 
 attention, elementwise, group_norm, copy (copies, cat, layout changes, memcpy/memset),
 triton (other Triton kernels: LayerNorm, GEGLU, SiLU, fused epilogues), other.
 
-  python benchmarks/profile_step.py --size 512 --batch 1 [--by-op 40]    # on a GPU
+By op and shape (`record_shapes=True`, `by_shape`): every kernel's GPU time goes to the
+outermost aten op that launched it (torch.profiler links a kernel to the op whose launch it
+came from; the outermost op carries the shapes the model code passed, e.g. aten::conv2d with
+input and weight), grouped by (op, input shapes, kernel); Triton kernels, launched outside any
+aten op, are grouped by kernel name. `profile_outside(runner, size, batch)` does the same for
+what a generation does besides its steps: CLIP (a prompt-cache miss), the per-generation
+precompute + one step, and the VAE decode, each a phase of one warm eager generate().
+
+  python benchmarks/profile_step.py --size 512 --batch 1 [--by-op 40] [--by-shape 40 --out DIR]
 """
 from __future__ import annotations
 
@@ -87,6 +95,53 @@ def by_op(prof, n=40) -> list:
     return sorted(rows, key=lambda r: -r["ms"])[:n]
 
 
+def _outer_op(ev):
+    """(outermost aten op above `ev` or `ev` itself, the phase:: label above it or None)."""
+    op, phase, e = None, None, ev
+    while e is not None:
+        if e.name.startswith("aten::"):
+            op = e
+        elif e.name.startswith("phase::"):
+            phase = phase or e.name[len("phase::"):]
+        e = e.cpu_parent
+    return op, phase
+
+
+def by_shape(prof, n=40, phases=False) -> dict:
+    """GPU time by (op, input shapes, kernel), costliest first, and how much of the kernel time
+    could be linked to an op. With `phases`: one such list per phase:: label."""
+    totals, counts = collections.Counter(), collections.Counter()
+    for ev in _kernel_events(prof):
+        totals[ev.name] += ev.device_time_total
+        counts[ev.name] += 1
+    linked, linked_n = collections.Counter(), collections.Counter()
+    groups = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        kernels = getattr(ev, "kernels", None)
+        if not kernels or getattr(ev, "device_type", None) is None or str(ev.device_type).endswith("CUDA"):
+            continue
+        op, phase = _outer_op(ev)
+        name = op.name if op is not None else ev.name
+        shapes = str([s for s in op.input_shapes if s]) if op is not None else ""
+        for k in kernels:
+            g = groups[(phase if phases else None, name, shapes, k.name)]
+            g[0] += 1
+            g[1] += k.duration / 1e3
+            linked[k.name] += k.duration
+            linked_n[k.name] += 1
+    for kname, t in totals.items():  # kernels no op launched (Triton's): by kernel name
+        if counts[kname] > linked_n[kname]:
+            g = groups[(None, "(no aten op)", "", kname)]
+            g[0] += counts[kname] - linked_n[kname]
+            g[1] += max(0.0, t - linked[kname]) / 1e3
+    rows = [{"phase": ph, "op": op, "shapes": sh[:200], "kernel": k[:140], "family": family(k),
+             "calls": c, "ms": t} for (ph, op, sh, k), (c, t) in groups.items()]
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(totals.values()) / 1e3
+    return {"gpu_ms": total, "linked_ms": sum(linked.values()) / 1e3, "rows": rows[:n]
+            if not phases else rows}
+
+
 def _inputs(runner, size, batch, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     dev, lat = runner.device, size // 8
@@ -99,7 +154,62 @@ def _inputs(runner, size, batch, seed=0):
     return hint, ctx_c, ctx_u, x_T
 
 
-def profile_step(runner, size=512, batch=1, scale=9.0, *, record_shapes=False, ops=0) -> dict:
+def profile_outside(runner, size=512, batch=1, scale=9.0, n=25) -> dict:
+    """What one generation does besides its steps, by phase: a warm eager generate() of one step
+    (graph off) under the profiler, its encode / sample / decode marked as phases; the prompt
+    differs from the warm-up's so CLIP runs (a prompt-cache miss). 'sample' is the
+    per-generation precompute (hint block, text K/V, time embeddings) plus one step."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    opts = runner.options
+    had_graph = opts.cuda_graph
+    opts.cuda_graph = False
+    edge = np.zeros((size, size, 3), np.uint8)
+    edge[size // 4: 3 * size // 4, size // 2] = 255
+    wrapped = {}
+    for name in ("encode", "sample", "decode"):
+        fn = getattr(runner, name)
+
+        def phase(*a, _fn=fn, _name=name, **k):
+            with record_function("phase::" + _name):
+                return _fn(*a, **k)
+        wrapped[name] = phase
+    try:
+        runner.generate(edge, "warm-up prompt", "", batch, 1, False, 1.0, scale, 0, 0.0)
+        runner.__dict__.update(wrapped)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU],
+                     record_shapes=True) as prof:
+            runner.generate(edge, "a profiled prompt", "", batch, 1, False, 1.0, scale, 0, 0.0)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    finally:
+        for name in wrapped:
+            runner.__dict__.pop(name, None)
+        opts.cuda_graph = had_graph
+    res = by_shape(prof, phases=True)
+    out = {"gpu_ms": res["gpu_ms"], "linked_ms": res["linked_ms"], "phases": {}}
+    for r in res["rows"]:
+        ph = out["phases"].setdefault(r["phase"] or "(other)", {"ms": 0.0, "kernels": 0, "rows": []})
+        ph["ms"] += r["ms"]
+        ph["kernels"] += r["calls"]
+        if len(ph["rows"]) < n:
+            ph["rows"].append(r)
+    return out
+
+
+def shape_table(rows, n=25) -> str:
+    lines = ["| GPU ms | calls | op | input shapes | kernel |", "|---|---|---|---|---|"]
+    for r in rows[:n]:
+        lines.append(f"| {r['ms']:.2f} | {r['calls']} | {r['op']} | {r['shapes'][:90]} | "
+                     f"{r['kernel'][:90].replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def profile_step(runner, size=512, batch=1, scale=9.0, *, record_shapes=False, ops=0,
+                 shapes=0) -> dict:
     """Profile the second of 3 eager steps of `runner` (a FastRunner) at size² and `batch`."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -107,7 +217,7 @@ def profile_step(runner, size=512, batch=1, scale=9.0, *, record_shapes=False, o
     had_graph = opts.cuda_graph
     opts.cuda_graph = False
     prof = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU],
-                   record_shapes=record_shapes)
+                   record_shapes=record_shapes or bool(shapes))
 
     def callback(done, total):
         if done in (1, 2):
@@ -122,6 +232,8 @@ def profile_step(runner, size=512, batch=1, scale=9.0, *, record_shapes=False, o
     res = summarize(prof)
     if ops:
         res["by_op"] = by_op(prof, ops)
+    if shapes:
+        res["by_shape"] = by_shape(prof, shapes)
     return res
 
 
@@ -142,9 +254,14 @@ def table(res) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--by-op", type=int, default=0, help="also list the N costliest op+shape groups")
+    ap.add_argument("--by-shape", type=int, default=0,
+                    help="GPU time by op x input shapes x kernel: the N costliest, per step and "
+                         "outside the loop")
+    ap.add_argument("--out", default=None, help="write profile_<tag>.json/.md here")
+    ap.add_argument("--tag", default="h200")
     ap.add_argument("--config", default=None)
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -152,11 +269,38 @@ def main():
     from runtime.weights import DEFAULT_CONFIG, build_model
 
     model = build_model(args.config or DEFAULT_CONFIG, random_weights=True, device="cuda", seed=0)
-    res = profile_step(FastRunner(model, FastOptions()), args.size, args.batch,
-                       record_shapes=bool(args.by_op), ops=args.by_op)
-    print(table(res))
-    for r in res.get("by_op", []):
-        print(f"{r['ms']:8.3f} ms {r['calls']:5d}x {r['op']} {r['shapes']}")
+    runner = FastRunner(model, FastOptions())
+    results, md = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "cudnn": torch.backends.cudnn.version(), "batch": args.batch, "sizes": {}}, []
+    for size in args.sizes:
+        res = profile_step(runner, size, args.batch, record_shapes=bool(args.by_op),
+                           ops=args.by_op, shapes=args.by_shape)
+        entry = results["sizes"][size] = {"step": res}
+        md += [f"## {size}² batch {args.batch}: one eager step", "", table(res), ""]
+        if args.by_shape:
+            bs = res["by_shape"]
+            md += [f"By op × shape × kernel ({bs['linked_ms']:.1f} of {bs['gpu_ms']:.1f} ms linked "
+                   "to an aten op):", "", shape_table(bs["rows"], args.by_shape), ""]
+            out = entry["outside"] = profile_outside(runner, size, args.batch)
+            md += [f"## {size}² batch {args.batch}: outside the loop (one eager generate() of one "
+                   f"step: {out['gpu_ms']:.1f} ms)", ""]
+            for ph, v in out["phases"].items():
+                md += [f"{ph}: {v['ms']:.2f} ms, {v['kernels']} kernels", "",
+                       shape_table(v["rows"], 12), ""]
+        for r in res.get("by_op", []):
+            md.append(f"    {r['ms']:8.3f} ms {r['calls']:5d}x {r['op']} {r['shapes']}")
+    text = "\n".join(md)
+    print(text)
+    if args.out:
+        import json
+        os.makedirs(args.out, exist_ok=True)
+        base = os.path.join(args.out, f"profile_{args.tag}")
+        with open(base + ".json", "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        with open(base + ".md", "w") as f:
+            f.write(f"# Fast mode by op and shape — {results['device']}\n\ntorch {results['torch']}, "
+                    f"cuDNN {results['cudnn']}; `python benchmarks/profile_step.py "
+                    f"{' '.join(sys.argv[1:])}`\n\n" + text + "\n")
 
 
 if __name__ == "__main__":

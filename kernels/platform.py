@@ -231,6 +231,9 @@ _CUDA = {
     # bias + residual epilogue (kernels/residual.py): [BLOCK_P, <=64 channels] tiles of
     # ~BLOCK elements; chosen like "elementwise", not tuned separately
     "residual": dict(BLOCK=2048, num_warps=4),
+    # fusion conv_gemm (kernels/conv.py): 3x3 convolutions on channels_last maps of at most
+    # MAX_HW pixels run as im2col + cuBLAS GEMM instead of cuDNN (benchmarks/results/small_convs_*)
+    "conv_gemm": dict(MAX_HW=256),
 }
 
 # RDNA3 (gfx11: W7900 = gfx1100, wave32, 96 CUs / 48 WGPs, 64 KB LDS per workgroup, 1536 VGPRs
@@ -256,6 +259,8 @@ _HIP = {
     "layer_norm": dict(ELEMS_PER_PROGRAM=4096, num_warps=8),
     "elementwise": dict(BLOCK=2048, num_warps=8),
     "residual": dict(BLOCK=2048, num_warps=4),  # 4 waves of 32 lanes: 16 elements a lane
+    # MIOpen vs rocBLAS at small maps is not measured: no map takes the GEMM path on AMD
+    "conv_gemm": dict(MAX_HW=0),
 }
 
 # CDNA (gfx9: MI300X = gfx942, wave64, 304 CUs, 64 KB LDS, 512 unified VGPR/AGPRs per lane, MFMA).
@@ -290,6 +295,7 @@ _INTERP = {
     "layer_norm": dict(ELEMS_PER_PROGRAM=4096, num_warps=4),
     "elementwise": dict(BLOCK=4096, num_warps=4),
     "residual": dict(BLOCK=4096, num_warps=4),
+    "conv_gemm": dict(MAX_HW=256),  # the CUDA rule, so CPU tests take the GEMM path
 }
 
 
