@@ -96,20 +96,18 @@ def by_op(prof, n=40) -> list:
 
 
 def _outer_op(ev):
-    """(outermost aten op above `ev` or `ev` itself, the phase:: label above it or None)."""
-    op, phase, e = None, None, ev
+    """The outermost aten op above `ev` (or `ev` itself), or None."""
+    op, e = None, ev
     while e is not None:
         if e.name.startswith("aten::"):
             op = e
-        elif e.name.startswith("phase::"):
-            phase = phase or e.name[len("phase::"):]
         e = e.cpu_parent
-    return op, phase
+    return op
 
 
-def by_shape(prof, n=40, phases=False) -> dict:
-    """GPU time by (op, input shapes, kernel), costliest first, and how much of the kernel time
-    could be linked to an op. With `phases`: one such list per phase:: label."""
+def by_shape(prof, n=40) -> dict:
+    """GPU time by (op, input shapes, kernel), the n costliest, and how much of the kernel time
+    could be linked to an op (the rest, Triton's launches, is grouped by kernel name)."""
     totals, counts = collections.Counter(), collections.Counter()
     for ev in _kernel_events(prof):
         totals[ev.name] += ev.device_time_total
@@ -120,26 +118,27 @@ def by_shape(prof, n=40, phases=False) -> dict:
         kernels = getattr(ev, "kernels", None)
         if not kernels or getattr(ev, "device_type", None) is None or str(ev.device_type).endswith("CUDA"):
             continue
-        op, phase = _outer_op(ev)
+        op = _outer_op(ev)
         name = op.name if op is not None else ev.name
         shapes = str([s for s in op.input_shapes if s]) if op is not None else ""
         for k in kernels:
-            g = groups[(phase if phases else None, name, shapes, k.name)]
+            if k.name not in totals:  # the profiler's own device time of a CPU range
+                continue
+            g = groups[(name, shapes, k.name)]
             g[0] += 1
             g[1] += k.duration / 1e3
             linked[k.name] += k.duration
             linked_n[k.name] += 1
     for kname, t in totals.items():  # kernels no op launched (Triton's): by kernel name
         if counts[kname] > linked_n[kname]:
-            g = groups[(None, "(no aten op)", "", kname)]
+            g = groups[("(no aten op)", "", kname)]
             g[0] += counts[kname] - linked_n[kname]
             g[1] += max(0.0, t - linked[kname]) / 1e3
-    rows = [{"phase": ph, "op": op, "shapes": sh[:200], "kernel": k[:140], "family": family(k),
-             "calls": c, "ms": t} for (ph, op, sh, k), (c, t) in groups.items()]
+    rows = [{"op": op, "shapes": sh[:200], "kernel": k[:140], "family": family(k), "calls": c,
+             "ms": t} for (op, sh, k), (c, t) in groups.items()]
     rows.sort(key=lambda r: -r["ms"])
-    total = sum(totals.values()) / 1e3
-    return {"gpu_ms": total, "linked_ms": sum(linked.values()) / 1e3, "rows": rows[:n]
-            if not phases else rows}
+    return {"gpu_ms": sum(totals.values()) / 1e3, "linked_ms": sum(linked.values()) / 1e3,
+            "rows": rows[:n]}
 
 
 def _inputs(runner, size, batch, seed=0):
@@ -156,48 +155,47 @@ def _inputs(runner, size, batch, seed=0):
 
 def profile_outside(runner, size=512, batch=1, scale=9.0, n=25) -> dict:
     """What one generation does besides its steps, by phase: a warm eager generate() of one step
-    (graph off) under the profiler, its encode / sample / decode marked as phases; the prompt
-    differs from the warm-up's so CLIP runs (a prompt-cache miss). 'sample' is the
-    per-generation precompute (hint block, text K/V, time embeddings) plus one step."""
+    (graph off), with its encode / sample / decode each profiled on its own (synchronized before
+    and after). The prompt is new to the runner, so CLIP runs (a prompt-cache miss). 'sample' is
+    the per-generation precompute (hint block, text K/V, time embeddings) plus one step."""
     import numpy as np
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
     opts = runner.options
     had_graph = opts.cuda_graph
     opts.cuda_graph = False
     edge = np.zeros((size, size, 3), np.uint8)
     edge[size // 4: 3 * size // 4, size // 2] = 255
-    wrapped = {}
-    for name in ("encode", "sample", "decode"):
-        fn = getattr(runner, name)
+    phases = {}
 
-        def phase(*a, _fn=fn, _name=name, **k):
-            with record_function("phase::" + _name):
-                return _fn(*a, **k)
-        wrapped[name] = phase
-    try:
-        runner.generate(edge, "warm-up prompt", "", batch, 1, False, 1.0, scale, 0, 0.0)
-        runner.__dict__.update(wrapped)
+    def sync():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU],
-                     record_shapes=True) as prof:
-            runner.generate(edge, "a profiled prompt", "", batch, 1, False, 1.0, scale, 0, 0.0)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+
+    def profiled(name, fn):
+        def call(*a, **k):
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU],
+                         record_shapes=True) as prof:
+                out = fn(*a, **k)
+                sync()
+            res = by_shape(prof, n)
+            phases[name] = {"ms": res["gpu_ms"], "linked_ms": res["linked_ms"],
+                            "kernels": len(_kernel_events(prof)), "rows": res["rows"]}
+            return out
+        return call
+
+    try:
+        runner.generate(edge, f"warm-up prompt {size}", "", batch, 1, False, 1.0, scale, 0, 0.0)
+        for name in ("encode", "sample", "decode"):
+            runner.__dict__[name] = profiled(name, getattr(runner, name))
+        runner.generate(edge, f"a profiled prompt {size} {batch} {id(phases)}", "", batch, 1,
+                        False, 1.0, scale, 0, 0.0)
     finally:
-        for name in wrapped:
+        for name in ("encode", "sample", "decode"):
             runner.__dict__.pop(name, None)
         opts.cuda_graph = had_graph
-    res = by_shape(prof, phases=True)
-    out = {"gpu_ms": res["gpu_ms"], "linked_ms": res["linked_ms"], "phases": {}}
-    for r in res["rows"]:
-        ph = out["phases"].setdefault(r["phase"] or "(other)", {"ms": 0.0, "kernels": 0, "rows": []})
-        ph["ms"] += r["ms"]
-        ph["kernels"] += r["calls"]
-        if len(ph["rows"]) < n:
-            ph["rows"].append(r)
-    return out
+    return {"gpu_ms": sum(p["ms"] for p in phases.values()), "phases": phases}
 
 
 def shape_table(rows, n=25) -> str:
@@ -283,9 +281,9 @@ def main():
                    "to an aten op):", "", shape_table(bs["rows"], args.by_shape), ""]
             out = entry["outside"] = profile_outside(runner, size, args.batch)
             md += [f"## {size}² batch {args.batch}: outside the loop (one eager generate() of one "
-                   f"step: {out['gpu_ms']:.1f} ms)", ""]
+                   f"step, by phase: {out['gpu_ms']:.1f} ms of GPU time)", ""]
             for ph, v in out["phases"].items():
-                md += [f"{ph}: {v['ms']:.2f} ms, {v['kernels']} kernels", "",
+                md += [f"{ph}: {v['ms']:.2f} ms of GPU time, {v['kernels']} kernels", "",
                        shape_table(v["rows"], 12), ""]
         for r in res.get("by_op", []):
             md.append(f"    {r['ms']:8.3f} ms {r['calls']:5d}x {r['op']} {r['shapes']}")

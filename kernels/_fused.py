@@ -24,10 +24,11 @@ counted; `strict=True` raises instead.
 * conv1x1_bias: a 1x1 Conv2d on a channels_last input as F.linear on its [B, H, W, C] view, which
   gets cuBLAS's bias epilogue (H200, [2,320,64,64]: 9.5 µs against 6.1 + 7.1 µs for GEMM + bias
   pass). Used by the ControlNet's zero convolutions; NCHW inputs (the VAE) run the conv as is.
-* conv_gemm: a 3x3 convolution on a small channels_last map (H·W <= platform's "conv_gemm"
-  MAX_HW: the UNet's 1280-channel levels) as im2col + one cuBLAS GEMM (kernels/conv.py), where
-  cuDNN's implicit GEMM leaves most SMs idle; nn.Conv2d sites and the fused ResBlock's bias-free
-  convolutions alike. Larger maps, NCHW maps and targets without a MAX_HW run cuDNN ("unfused").
+* conv_gemm: a 3x3 convolution with a small channels_last output map (Ho·Wo <= platform's
+  "conv_gemm" MAX_HW: the 4x4 maps of the 256² UNet's 1280-channel level) as im2col + one cuBLAS
+  GEMM (kernels/conv.py), where cuDNN's implicit GEMM leaves most SMs idle; nn.Conv2d sites and
+  the fused ResBlock's bias-free convolutions alike. Larger maps, NCHW maps and targets with
+  MAX_HW 0 run cuDNN (counted "unfused").
 * skip_cat has no site here: fast mode's decoder (runtime/fast.py) calls kernels.residual's
   skip_cat through `handle.run("skip_cat", ...)` when the handle lists it.
 Measured on the H200 (benchmarks/results/fusions_h200.md): all six take a 512² step from 1150 to
@@ -227,6 +228,11 @@ def conv_gemm_ok(m):
     return (_is_conv2d(m) and m.kernel_size == (3, 3) and m.dilation == (1, 1) and m.groups == 1)
 
 
+def _out_pixels(conv, x):
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    return ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+
+
 def _conv_gemm(handle, conv, x, bias):
     """conv(x) with `bias` as im2col + GEMM on a small channels_last map, else F.conv2d."""
     def slow():
@@ -234,7 +240,7 @@ def _conv_gemm(handle, conv, x, bias):
 
     r = _tensor_reason(x)
     max_hw = platform.config("conv_gemm")["MAX_HW"]
-    if r is None and not (x.dim() == 4 and x.shape[2] * x.shape[3] <= max_hw
+    if r is None and not (x.dim() == 4 and _out_pixels(conv, x) <= max_hw
                           and not x.is_contiguous()
                           and x.is_contiguous(memory_format=torch.channels_last)):
         handle.counts["conv_gemm"]["unfused"] += 1  # large or NCHW map: cuDNN's case

@@ -58,7 +58,7 @@ TORCH_SITES = ("sdpa", "cross_kv")  # counted like kernels; need no Triton
 # skip_cat through handle.run when the handle lists it.
 FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias",
            "skip_cat", "conv_gemm")
-DEFAULT_FUSIONS = tuple(f for f in FUSIONS if f != "conv_gemm")
+DEFAULT_FUSIONS = FUSIONS
 ENV_DISABLE = "CONTROLNET_KERNELS_DISABLE"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HANDLE_ATTR = "_kernels_patch_handle"  # plain attribute on the root: never in state_dict

@@ -231,9 +231,12 @@ _CUDA = {
     # bias + residual epilogue (kernels/residual.py): [BLOCK_P, <=64 channels] tiles of
     # ~BLOCK elements; chosen like "elementwise", not tuned separately
     "residual": dict(BLOCK=2048, num_warps=4),
-    # fusion conv_gemm (kernels/conv.py): 3x3 convolutions on channels_last maps of at most
-    # MAX_HW pixels run as im2col + cuBLAS GEMM instead of cuDNN (benchmarks/results/small_convs_*)
-    "conv_gemm": dict(MAX_HW=256),
+    # fusion conv_gemm (kernels/conv.py): 3x3 convolutions with channels_last output maps of at
+    # most MAX_HW pixels as im2col + cuBLAS GEMM instead of cuDNN. H200 (cuDNN 9.19, CUDA graph,
+    # benchmarks/results/small_convs_h200.md), CFG batch 2: 4x4 outputs win ([2,1280,4,4] 16.7 vs
+    # 25.2 µs, 2560 in 31.0 vs 37.9, stride 2 from 8x8 17.3 vs 20.3); from 8x8 up cuDNN wins
+    # (8x8 1280: 29.7 vs 26.1 µs; 16x16: 56 vs 37).
+    "conv_gemm": dict(MAX_HW=16),
 }
 
 # RDNA3 (gfx11: W7900 = gfx1100, wave32, 96 CUs / 48 WGPs, 64 KB LDS per workgroup, 1536 VGPRs
@@ -295,7 +298,7 @@ _INTERP = {
     "layer_norm": dict(ELEMS_PER_PROGRAM=4096, num_warps=4),
     "elementwise": dict(BLOCK=4096, num_warps=4),
     "residual": dict(BLOCK=4096, num_warps=4),
-    "conv_gemm": dict(MAX_HW=256),  # the CUDA rule, so CPU tests take the GEMM path
+    "conv_gemm": dict(MAX_HW=16),  # the CUDA rule, so CPU tests take the GEMM path
 }
 
 
