@@ -498,8 +498,8 @@ def no_checkpoint_banner():
 
 
 def parse_args(argv=None):
-    from runtime.cli import _Parser, add_model_flags
-    p = _Parser(
+    from runtime.cli import Parser, add_model_flags
+    p = Parser(
         prog="gradio_canny2image.py",
         description="ControlNet canny2image demo (Gradio). Opens on http://127.0.0.1:7860.")
     add_model_flags(p)

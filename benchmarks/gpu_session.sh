@@ -16,8 +16,8 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider \
-    tests/kernels tests/runtime 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/kernels tests/runtime tests/test_packaging.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 
 python3 benchmarks/bench_pipeline.py --sizes 512 256 --batches 1 4 --repeats 5 --ref-repeats 2 \

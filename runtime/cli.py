@@ -50,31 +50,39 @@ class CliError(Exception):
     """A failure explained in one line."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, and the model flags' one rule argparse cannot say: --tiny
+    takes no --ckpt (--tiny --random-weights is fine: the tiny model has random weights)."""
+
     def error(self, message):
         """A bad flag in one line (argparse's default adds the whole usage)."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        if getattr(namespace, "tiny", False) and getattr(namespace, "ckpt", None) is not None:
+            self.error("argument --ckpt: not allowed with argument --tiny")
+        return namespace, rest
+
 
 def add_model_flags(p):
-    """The flags that choose the model (shared with the demo): --ckpt | --random-weights | --tiny,
-    and --low-vram."""
+    """The flags that choose the model (shared with the demo): --ckpt | --random-weights, --tiny
+    (not with --ckpt: Parser checks), and --low-vram."""
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--ckpt", default=None,
                          help="checkpoint (.pth/.ckpt/.safetensors; default "
                               "./models/control_sd15_canny.pth)")
     weights.add_argument("--random-weights", action="store_true",
                          help="full-size model with seeded random weights (images are noise)")
-    weights.add_argument("--tiny", action="store_true",
-                         help="tiny model (models/cldm_tiny.yaml) with random weights: a smoke "
-                              "test")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny model (models/cldm_tiny.yaml) with random weights: a smoke test")
     p.add_argument("--low-vram", action="store_true",
                    help="upstream's config.save_memory: sliced attention, and the UNet/ControlNet "
                         "and the VAE/CLIP take turns on the GPU (runtime/lowvram.py)")
 
 
 def parse_args(argv):
-    p = _Parser(
+    p = Parser(
         prog="canny2image",
         description="ControlNet canny2image (SD1.5 + ControlNet; upstream-exact reference mode or "
                     "fast mode): edge map + generated images as PNGs.")
