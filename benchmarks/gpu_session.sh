@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session of checks and measurements, as run on the device machine (H200) for the README:
 #   1. the GPU tests (tests marked `gpu`: kernels at every real shape, fast mode graph == eager, ...)
-#   2. bench_pipeline.py: reference, fast mode without fusions, with all but conv_gemm, and full, side by side
+#   2. bench_pipeline.py: reference, fast mode without fusions, full, and + conv_gemm, side by side
 #      with the previous commit's fast mode (PREV_TREE: an exported tree of that commit)
 # Usage: OUT=results_dir PREV_TREE=path PREV_COMMIT=sha bash benchmarks/gpu_session.sh
 # Wheels the GPU machine lacks (omegaconf, open_clip_torch, ftfy, wcwidth) are installed from

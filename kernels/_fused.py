@@ -28,7 +28,9 @@ counted; `strict=True` raises instead.
   "conv_gemm" MAX_HW: the 4x4 maps of the 256² UNet's 1280-channel level) as im2col + one cuBLAS
   GEMM (kernels/conv.py), where cuDNN's implicit GEMM leaves most SMs idle; nn.Conv2d sites and
   the fused ResBlock's bias-free convolutions alike. Larger maps, NCHW maps and targets with
-  MAX_HW 0 run cuDNN (counted "unfused").
+  MAX_HW 0 run cuDNN (counted "unfused"). Not a default fusion: +89 kernels a step at 256² for
+  -0.11 ms of GPU time (platform.py has the numbers); a one-kernel split-K convolution is the
+  real fix for these maps.
 * skip_cat has no site here: fast mode's decoder (runtime/fast.py) calls kernels.residual's
   skip_cat through `handle.run("skip_cat", ...)` when the handle lists it.
 Measured on the H200 (benchmarks/results/fusions_h200.md): all six take a 512² step from 1150 to

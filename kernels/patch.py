@@ -58,7 +58,9 @@ TORCH_SITES = ("sdpa", "cross_kv")  # counted like kernels; need no Triton
 # skip_cat through handle.run when the handle lists it.
 FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias",
            "skip_cat", "conv_gemm")
-DEFAULT_FUSIONS = FUSIONS
+# conv_gemm is not a default: it halves the 4x4 convolutions' time at 256² but adds two copy
+# kernels per call, and end to end it measured within noise (kernels/_fused.py, H200 2026-12-03).
+DEFAULT_FUSIONS = tuple(f for f in FUSIONS if f != "conv_gemm")
 ENV_DISABLE = "CONTROLNET_KERNELS_DISABLE"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HANDLE_ATTR = "_kernels_patch_handle"  # plain attribute on the root: never in state_dict

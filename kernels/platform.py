@@ -235,7 +235,10 @@ _CUDA = {
     # most MAX_HW pixels as im2col + cuBLAS GEMM instead of cuDNN. H200 (cuDNN 9.19, CUDA graph,
     # benchmarks/results/small_convs_h200.md), CFG batch 2: 4x4 outputs win ([2,1280,4,4] 16.7 vs
     # 25.2 µs, 2560 in 31.0 vs 37.9, stride 2 from 8x8 17.3 vs 20.3); from 8x8 up cuDNN wins
-    # (8x8 1280: 29.7 vs 26.1 µs; 16x16: 56 vs 37).
+    # (8x8 1280: 29.7 vs 26.1 µs; 16x16: 56 vs 37). In fast mode at 256² (profile of one eager
+    # step, bench_h200_20261203.md) the 19 [2,1280,4,4] convolutions took 0.20 ms instead of
+    # 0.43, the step 4.27 ms of GPU time instead of 4.38, but 871 kernels instead of 782 (pad +
+    # im2col copies): not in kernels.DEFAULT_FUSIONS.
     "conv_gemm": dict(MAX_HW=16),
 }
 
