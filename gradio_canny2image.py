@@ -29,7 +29,6 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-import warnings  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
@@ -37,7 +36,6 @@ from contextlib import nullcontext  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
-import PIL.ImageOps  # noqa: E402
 import torch  # noqa: E402
 
 from gradio.exceptions import InvalidPathError  # noqa: E402
@@ -49,7 +47,7 @@ from runtime.errors import InputError, NonFiniteOutputError  # noqa: E402
 from runtime.inputs import (  # noqa: E402
     A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD,
     DEFAULT_RESOLUTION, DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_UPLOAD_BYTES, MODES,
-    N_PROMPT, REPO, check_inputs, check_pixels)
+    N_PROMPT, REPO, check_inputs, pil_to_array, read_image)
 
 log = logging.getLogger("gradio_canny2image")
 
@@ -93,9 +91,10 @@ def _error(message):
 
 
 class UploadImage(gr.Image):
-    """gr.Image that opens the upload lazily and checks its size on the header, before anything
-    is decoded (Gradio's own preprocess may decode it: EXIF rotation), and gives unreadable files
-    a clear message (Gradio's own is a bare "Error").
+    """gr.Image whose upload is decoded by runtime/inputs.py's read_image, the CLI's and the API's
+    reader too (Gradio's own rule for type="numpy": upright by EXIF, 8-bit RGB, alpha dropped;
+    the size checked on the header before anything is decoded), with its one-line messages
+    (Gradio's own is a bare "Error").
 
     `is_template` is Gradio's mechanism (gr.ClearButton uses it) for a subclass that keeps the
     parent's front-end component.
@@ -108,20 +107,10 @@ class UploadImage(gr.Image):
         if payload.path is None or not _inside(payload.path, self.GRADIO_CACHE):
             raise _error(UPLOAD_ONLY)       # also data: URLs, which Gradio would decode
         try:
-            with warnings.catch_warnings():   # PIL warns from 89 MP on: refused from 50 MP on
-                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-                image = PIL.Image.open(payload.path)
-            check_pixels(*image.size)
-            return PIL.ImageOps.exif_transpose(image)     # as Gradio does: upright
+            return read_image(payload.path)
         except InputError as e:
-            raise _error(_labelled(e) + ".") from None
-        except PIL.Image.DecompressionBombError:
-            raise _error(f"The image is far too large (over "
-                         f"{2 * PIL.Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels).") from None
-        except Exception as e:
             log.info("unreadable upload: %s", e)
-            raise _error("Could not read the uploaded file as an image: use a PNG or JPEG.") \
-                from None
+            raise _error(_labelled(e) + ".") from None
 
     async def async_move_resource_to_block_cache(self, url_or_file_path):
         # Gradio would download a URL named as the image (from the server: never wanted here)
@@ -195,27 +184,13 @@ def _labelled(error):
 
 
 def image_to_array(image):
-    """A PIL image (opened lazily, nothing decoded yet) → what the pipeline takes, or InputError.
-
-    The size is checked before decoding. Like the Gradio 3 upstream ran on, alpha is dropped and
-    gray/palette/CMYK images become RGB uint8; an animation gives its first frame. 16-bit gray
-    stays uint16 for the pipeline to reduce (as the CLI does): PIL's own RGB conversion would clip
-    it to white.
-    """
+    """The uploaded image (UploadImage has decoded it) for the pipeline, or InputError; a PIL
+    image (process called directly) is converted by the same rule (runtime.inputs)."""
     if image is None:
         raise InputError("No input image: upload an image first.")
-    if isinstance(image, np.ndarray):         # create_demo's function may be called directly
-        return image
-    check_pixels(*image.size)
-    if image.mode == "F":
-        raise InputError("32-bit float images are not supported: save it as an 8- or 16-bit PNG "
-                         "or a JPEG.")
-    try:
-        if image.mode.startswith("I"):        # "I;16", "I;16B", "I": 16-bit gray
-            return np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
-        return np.asarray(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:   # truncated or corrupt file
-        raise InputError(f"Could not read the image ({e}). Try a PNG or JPEG.") from None
+    if isinstance(image, PIL.Image.Image):
+        return pil_to_array(image)
+    return image
 
 
 # The labels of the 13 values after the image (upstream's), used in messages.
@@ -418,10 +393,9 @@ def create_demo(pipeline, banner=None):
                 gr.Markdown(banner, elem_id="weights-banner")
         with gr.Row():
             with gr.Column():
-                # PIL, opened lazily: image_to_array checks the size before anything is decoded
-                # and converts 16-bit and alpha itself. The pipeline still gets RGB numpy.
-                input_image = UploadImage(sources=["upload"], type="pil", image_mode=None,
-                                       label="Image", elem_id="input_image")
+                # numpy RGB uint8, decoded by runtime.inputs.read_image (the CLI's reader)
+                input_image = UploadImage(sources=["upload"], type="numpy",
+                                          label="Image", elem_id="input_image")
                 prompt = gr.Textbox(label="Prompt")
                 run_button = gr.Button("Run")
                 with gr.Accordion("Advanced options", open=False):

@@ -7,6 +7,7 @@ that says which file, what is wrong and what to do. `load_checkpoint` adds a str
 reports all mismatches at once and accepts the CLIP key layouts different transformers versions
 wrote.
 """
+import json
 import logging
 import os
 import pickle
@@ -17,9 +18,10 @@ import zipfile
 import safetensors
 import safetensors.torch
 import torch
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, host_memory_available, instantiate_from_config, special_file
 
 logger = logging.getLogger(__name__)
 
@@ -149,13 +151,99 @@ def _unwrap(d, path):
     return get_state_dict(d)
 
 
+def _not_a_file(path):
+    """None when `path` is a regular file this process may read, else what it is instead (one
+    phrase). Never opens it: a FIFO would block."""
+    try:
+        kind = special_file(path)
+    except FileNotFoundError:
+        return "not found"
+    except PermissionError:
+        return "permission denied (a folder on its path may not be entered by this user)"
+    except OSError as e:
+        return f"cannot be reached ({e.strerror or e})"
+    if kind is not None:
+        return f"{kind}, not a file"
+    if not os.access(path, os.R_OK):
+        return "permission denied: this user may not read it (check its owner and mode)"
+    return None
+
+
+def check_checkpoint_path(path):
+    """CheckpointError in one line unless `path` is a regular, readable file: a missing file gets
+    the download instructions, anything else is named for what it is (directory, FIFO, device,
+    symbolic link loop, permission denied)."""
+    problem = _not_a_file(path)
+    if problem == "not found":
+        raise CheckpointError(missing_checkpoint_message(path))
+    if problem:
+        raise CheckpointError(f"Checkpoint {path}: {problem}.")
+
+
+def _check_location(path, location):
+    """The torch.device to load onto, or CheckpointError when it cannot exist here."""
+    try:
+        device = torch.device(location)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"Cannot load {path} onto {location!r}: not a device ({e}).") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"Cannot load {path} onto {location!r}: no GPU here (CUDA is not "
+                              f"available to torch); load it with location='cpu'.")
+    return device
+
+
+def _safetensors_bytes(path):
+    """Bytes of tensor data a .safetensors file's header declares (None if the header cannot be
+    read: safetensors then says what is wrong)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100 << 20:
+                return None
+            header = json.loads(f.read(size))
+        return max((int(v["data_offsets"][1]) for k, v in header.items()
+                    if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _check_fits(path, device, need):
+    """CheckpointError if loading `need` bytes onto `device` cannot fit in its free memory."""
+    if device.type == "cpu":
+        available = host_memory_available()
+    elif device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        return
+    if need is not None and available is not None and need > available:
+        raise CheckpointError(
+            f"Checkpoint {path} holds {need / 1e9:.1f} GB of tensors, more than the "
+            f"{available / 1e9:.1f} GB of {device.type.upper()} memory available: it is not a "
+            f"canny ControlNet checkpoint (control_sd15_canny.pth holds 5.7 GB), or memory must "
+            f"be freed first.")
+
+
+def check_checkpoint_file(path, location="cpu"):
+    """What can be known before reading a checkpoint, as CheckpointError in one line: the path
+    is a readable regular file (check_checkpoint_path), `location` is a device that exists here,
+    and the tensors (a .safetensors header's total, else the file's size) fit in its free
+    memory. Returns the torch.device."""
+    check_checkpoint_path(path)
+    device = _check_location(path, location)
+    if os.path.splitext(path)[1].lower() == ".safetensors":
+        _check_fits(path, device, _safetensors_bytes(path))
+    else:
+        _check_fits(path, device, os.path.getsize(path))
+    return device
+
+
 def load_state_dict(ckpt_path, location="cpu"):
     """The tensors of a `.safetensors`, `.pth` or `.ckpt` file, one level of 'state_dict' unwrapped
-    (a torch file's twice, as upstream), on `location`."""
-    if not os.path.isfile(ckpt_path):
-        raise CheckpointError(missing_checkpoint_message(ckpt_path))
-    extension = os.path.splitext(ckpt_path)[1].lower()
-    if extension == ".safetensors":
+    (a torch file's twice, as upstream), on `location`. Before anything is read: the path must be
+    a readable regular file, the device must exist, and the tensors must fit in its memory."""
+    check_checkpoint_file(ckpt_path, location)
+    if os.path.splitext(ckpt_path)[1].lower() == ".safetensors":
         try:
             state_dict = safetensors.torch.load_file(ckpt_path, device=str(location))
         except (safetensors.SafetensorError, OSError) as e:
@@ -167,11 +255,69 @@ def load_state_dict(ckpt_path, location="cpu"):
     return state_dict
 
 
-def create_model(config_path):
+# A model config is a few kB (models/cldm_v15.yaml: 2.4 kB) of a few hundred YAML nodes.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+
+
+def _read_config(config_path):
+    """The config as an OmegaConf object, or ConfigError in one line: not a regular file, too
+    large, not YAML, or YAML whose aliases expand to more than MAX_CONFIG_NODES nodes (a "billion
+    laughs" file: a few hundred bytes that would expand to 10**9 nodes)."""
+    problem = _not_a_file(config_path)
+    if problem:
+        raise ConfigError(f"config {config_path}: {problem}")
+    try:
+        with open(config_path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"config {config_path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {config_path}: over {MAX_CONFIG_BYTES >> 20} MiB, not a model "
+                          f"config")
+    try:
+        text = data.decode("utf-8")
+        nodes = _expanded_nodes(yaml.compose(text, Loader=yaml.SafeLoader))
+        if nodes > MAX_CONFIG_NODES:
+            raise ConfigError(
+                f"config {config_path}: its YAML aliases expand to {nodes:,} nodes (more than "
+                f"{MAX_CONFIG_NODES:,}): an alias expansion bomb, not a model config")
+        return OmegaConf.create(text)
+    except ConfigError:
+        raise
+    except (UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config {config_path}: not a YAML model config ({detail})") from None
+
+
+def _expanded_nodes(node, sizes=None, active=None):
+    """How many nodes `node` (yaml.compose's graph, aliases shared) has once aliases are expanded,
+    computed on the shared graph without expanding it; a recursive alias counts as infinite."""
+    sizes = {} if sizes is None else sizes
+    active = set() if active is None else active
+    if node is None or isinstance(node, yaml.ScalarNode):
+        return 1
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in active:
+        return float("inf")
+    active.add(id(node))
+    children = (node.value if isinstance(node, yaml.SequenceNode)
+                else [n for pair in node.value for n in pair])
+    total = 1 + sum(_expanded_nodes(child, sizes, active) for child in children)
+    active.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def create_model(config_path, allow_any_target=False):
     """Instantiate `config.model` from a yaml config, on the CPU (a model whose parameters were
-    built on the meta device stays there)."""
-    config = OmegaConf.load(config_path)
-    model = instantiate_from_config(config.model)
+    built on the meta device stays there). A config is data: see ldm.util for the targets it may
+    name (`allow_any_target=True` lifts that) and _read_config for the files it may be."""
+    config = _read_config(config_path)
+    if not isinstance(config, DictConfig) or "model" not in config:
+        raise ConfigError(f"config {config_path}: no `model` section")
+    model = instantiate_from_config(config.model, allow_any_target=allow_any_target)
     if not any(p.is_meta for p in model.parameters()):
         model = model.cpu()
     logger.info("Loaded model config from [%s]: %s with %.1f M parameters", config_path,

@@ -3,7 +3,8 @@
 Reference mode runs exactly upstream's steps in float32 with cldm/ddim_hacked.py's sampler:
 resize + Canny, hint tensor, seed, CLIP cond/uncond, control scales, DDIM, VAE decode, uint8 by
 truncation; the result is [255 - edge map] + samples. Every parameter is checked first
-(runtime/inputs.py: the rules the CLI and the demo share).
+(runtime/inputs.py: the rules the CLI and the demo share), then the memory the call needs
+(runtime/memory.py: refused up front if the device cannot hold it).
 
 Fast mode (runtime/fast/) converts the model's UNet, ControlNet and VAE in place and owns the
 model until `close()`; reference mode on the same model object meanwhile runs on the original
@@ -18,10 +19,11 @@ import torch
 from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.ddim_hacked import DDIMSampler
-from runtime import lowvram
+from cldm.hack import sliced_attention_enabled
+from runtime import lowvram, memory
 from runtime.errors import InputError, require_finite
 from runtime.fast import FastRunner, owner
-from runtime.inputs import MODES, check_inputs, control_scales
+from runtime.inputs import MODES, check_inputs, control_scales, resized_shape
 from runtime.prompt_cache import PromptCache
 from runtime.seed import seed_everything
 
@@ -55,6 +57,16 @@ class Canny2Image:
         """check_inputs(...) for this pipeline (the same checks for every mode)."""
         return check_inputs(*args, **kwargs)
 
+    def check_memory(self, shape, image_resolution, rows):
+        """runtime.memory.check for `rows` samples of an image of `shape` resized to
+        image_resolution (None: already resized): MemoryNeedError before any work if the
+        device cannot hold the call."""
+        height, width = shape[:2]
+        if image_resolution is not None:
+            height, width = resized_shape(height, width, image_resolution)
+        memory.check(self.model, height, width, rows, self.mode,
+                     sliced=sliced_attention_enabled(), device=self.model.device)
+
     @torch.no_grad()
     def process(self, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
                 ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold, high_threshold,
@@ -67,6 +79,7 @@ class Canny2Image:
          guess_mode, strength, scale, seed, eta, low_threshold, high_threshold) = self.check(
             input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
             guess_mode, strength, scale, seed, eta, low_threshold, high_threshold)
+        self.check_memory(input_image.shape, image_resolution, num_samples)
         img = resize_image(HWC3(input_image), image_resolution)
         detected_map = HWC3(self.apply_canny(img, low_threshold, high_threshold))
         if seed == -1:
@@ -104,6 +117,7 @@ class Canny2Image:
         if len({m.shape for m in maps}) > 1:
             raise InputError(f"process_batch needs edge maps of one size, got "
                              f"{sorted({m.shape[:2] for m in maps})}")
+        self.check_memory(maps[0].shape, None, len(maps) * int(num_samples))
         samples = self._generate(maps, prompt + ", " + a_prompt, n_prompt, num_samples,
                                  ddim_steps, guess_mode, strength, scale, checked_seeds, eta,
                                  progress)

@@ -11,9 +11,9 @@ Choices made here (upstream has no CLI):
 * On a machine without an accelerator, unless --image-resolution / --ddim-steps are given, the
   run is made smaller (CPU_RESOLUTION, CPU_STEPS) so the full-size model finishes in a few
   minutes on two cores; the choice is printed at start.
-* Images are read with OpenCV as stored (RGB(A) after BGR swap, gray, or 16-bit, which the
-  pipeline reduces to 8 bit by >> 8), after PIL has checked the size in the file's header
-  (runtime/inputs.py's MAX_INPUT_PIXELS): nothing too large is ever decoded.
+* Images are read by runtime/inputs.py's read_image, the demo's reader too (upright by EXIF,
+  8-bit RGB, alpha dropped), after the size in the file's header is checked (MAX_INPUT_PIXELS):
+  nothing too large is ever decoded.
 * Random weights are said in every file name (`_random-weights`), in the PNG text chunk
   "weights" and in the final line: such images are noise, not results.
 Every error ends in one line on stderr and a non-zero exit status, without a traceback. A folder
@@ -25,15 +25,15 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 
 import numpy as np
 
+from runtime import inputs
 from runtime.errors import InputError, NonFiniteOutputError
 from runtime.inputs import (A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_ETA,
                             DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, DEFAULT_RESOLUTION,
                             DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH, MODES, N_PROMPT,
-                            check_inputs, check_pixels)
+                            check_inputs)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Full-size model, fp32, torch's 2 CPU threads, sample image (256x320 px), measured in CPU time
@@ -169,7 +169,12 @@ def list_inputs(path):
     elif os.path.isfile(path):
         paths = [path]
     else:
-        raise CliError(f"{path}: no such file or folder")
+        try:
+            kind = inputs.special_file(path)
+        except OSError:
+            kind = None
+        raise CliError(f"{path}: {kind}, not an image file" if kind
+                       else f"{path}: no such file or folder")
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     names = [s if stems.count(s) == 1 else os.path.basename(p).replace(".", "_")
              for s, p in zip(stems, paths)]
@@ -177,44 +182,11 @@ def list_inputs(path):
 
 
 def read_image(path):
-    """RGB(A)/gray array as stored (uint8 or uint16), or CliError. The size is checked on the
-    header (PIL reads it without decoding; OpenCV cannot) before OpenCV decodes the file."""
-    import cv2
-    import PIL.Image
+    """runtime.inputs.read_image (the one image reader: uint8 RGB), its errors as CliError."""
     try:
-        with warnings.catch_warnings():       # PIL warns from 89 MP on: we refuse from 50 MP on
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            with PIL.Image.open(path) as header:
-                width, height = header.size
-    except PIL.Image.DecompressionBombError:
-        raise CliError(f"{path}: the image is too large (over "
-                       f"{2 * PIL.Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels): downscale it "
-                       f"first") from None
-    except PIL.UnidentifiedImageError:
-        raise CliError(f"{path}: not an image that can be read (use PNG or JPEG)") from None
-    except OSError as e:
-        raise CliError(f"{path}: cannot read the file ({e.strerror or e})") from None
-    try:
-        check_pixels(width, height)
+        return inputs.read_image(path)
     except InputError as e:
         raise CliError(f"{path}: {e}") from None
-    data = np.fromfile(path, dtype=np.uint8)
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)   # no "[ WARN ...]" lines
-    try:
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    finally:
-        cv2.utils.logging.setLogLevel(level)
-    if image is None:
-        raise CliError(f"{path}: not an image that can be read, or truncated (use PNG or JPEG)")
-    if image.dtype not in (np.uint8, np.uint16):
-        raise CliError(f"{path}: {image.dtype} pixels are not supported: save it as an 8- or "
-                       f"16-bit PNG, or a JPEG")
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-    return image
 
 
 def check_outdir(path):
@@ -318,11 +290,14 @@ def run(args):
         if ranks.rank != 0:
             return   # one input: rank 0 does it
     if not (args.tiny or args.random_weights):
-        from cldm.model import DEFAULT_CHECKPOINT, missing_checkpoint_message
+        from cldm.model import DEFAULT_CHECKPOINT, CheckpointError, check_checkpoint_path
         ckpt = args.ckpt or DEFAULT_CHECKPOINT
-        if not os.path.isfile(ckpt):
-            raise CliError(missing_checkpoint_message(ckpt)
-                           + " To try the pipeline without it, pass --random-weights or --tiny.")
+        try:
+            check_checkpoint_path(ckpt)
+        except CheckpointError as e:
+            hint = (" To try the pipeline without it, pass --random-weights or --tiny."
+                    if not os.path.lexists(ckpt) else "")
+            raise CliError(f"{e}{hint}") from None
     check_outdir(args.outdir)
     if folder:
         try:

@@ -19,18 +19,33 @@ accept the result is the one upstream computes. Ranges (UI range in brackets):
   resized image    each side at most 8192 px (a very long panorama would exhaust memory)
 Integral floats (512.0, as some UI sliders send) are accepted where an integer is needed.
 
-Input images (RGB order, as the Gradio UI gives): uint8 HxW, HxWx1, HxWx3 or HxWx4 (RGBA is
-composited over white by HWC3). uint16 images are reduced to uint8 by >> 8 (the high byte, the
-usual 16 -> 8 bit conversion). Float and other dtypes are rejected: a float image may mean 0..1 or
-0..255 and guessing would silently change the picture.
-"""
-import os
+Input arrays (RGB order, as the Gradio UI gives): uint8 HxW, HxWx1, HxWx3 or HxWx4 (RGBA is
+composited over white by HWC3, as upstream's process() does with an array). uint16 arrays are
+reduced to uint8 by >> 8 (the high byte, the usual 16 -> 8 bit conversion). Float and other dtypes
+are rejected: a float image may mean 0..1 or 0..255 and guessing would silently change the picture.
 
+Image files are decoded by read_image(), the one reader of the CLI, the folder job, the demo and
+the API. Its rule is that of upstream's demo (Gradio's gr.Image(type="numpy"), image_mode "RGB"):
+PIL decodes the file, an EXIF orientation other than 1 is applied (the picture comes out upright),
+then the image is converted to 8-bit RGB: alpha is dropped (not composited), palette, gray and
+CMYK become RGB, 16-bit RGB(A) keeps the high byte (PIL's own reduction), an animation gives its
+first frame. Where Gradio's conversion would destroy the picture this reader does not follow it:
+16-bit gray is reduced by >> 8 like 16-bit colour (PIL's "RGB" conversion clips it at 255, nearly
+all white), 32-bit float images are refused, and GIFs are converted like every other format
+(Gradio 6 hands a GIF's palette indices through). Corrupt data is judged as PIL judges it: a file
+PIL cannot decode (truncated, damaged compressed data) is refused with one line; a PNG whose only
+fault is a wrong chunk CRC decodes (PIL does not check IDAT CRCs) and is accepted, as in the demo.
+The size is checked on the header first (MAX_INPUT_PIXELS), and only regular files are opened (a
+FIFO would block, a device never ends).
+"""
 import math
 import numbers
+import os
+import warnings
 
 import numpy as np
 
+from ldm.util import special_file
 from runtime.errors import InputError
 from runtime.seed import MAX_SEED
 
@@ -76,9 +91,71 @@ def check_pixels(width, height):
     """InputError if a width x height image is over MAX_INPUT_PIXELS (call it before decoding)."""
     if width * height > MAX_INPUT_PIXELS:
         raise InputError(
-            f"the image is too large: {width}x{height} = {width * height / 1e6:.0f} megapixels "
-            f"(at most {MAX_INPUT_PIXELS / 1e6:.0f}); downscale it first (it is resized to "
-            f"image_resolution anyway)")
+            f"the image is too large: {width}x{height} = {width * height:,} pixels, more than "
+            f"the {MAX_INPUT_PIXELS:,} ({MAX_INPUT_PIXELS / 1e6:.0f} megapixels) allowed; "
+            f"downscale it first (it is resized to image_resolution anyway)")
+
+
+def read_image(path):
+    """Decode an image file into what the pipeline takes: uint8 HxWx3 RGB, by the rule in this
+    module's docstring (upstream's demo's). Every failure is an InputError in one line (without
+    the path: callers name the file their own way)."""
+    import PIL.Image
+    try:
+        kind = special_file(path)
+    except FileNotFoundError:
+        raise InputError("no such file") from None
+    except OSError as e:
+        raise InputError(f"cannot read the file ({e.strerror or e})") from None
+    if kind is not None:
+        raise InputError(f"{kind}, not an image file")
+    try:
+        with warnings.catch_warnings():     # PIL warns from 89 MP on: refused from 50 MP on
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(path)
+    except PIL.Image.DecompressionBombError:
+        raise InputError(f"the image is too large (over {2 * PIL.Image.MAX_IMAGE_PIXELS / 1e6:.0f}"
+                         f" megapixels); downscale it first") from None
+    except PIL.UnidentifiedImageError:
+        raise InputError("not an image that can be read (use PNG or JPEG)") from None
+    except OSError as e:
+        raise InputError(f"cannot read the file ({e.strerror or e})") from None
+    with image:
+        return pil_to_array(image)
+
+
+def pil_to_array(image):
+    """A PIL image (opened, not yet decoded) -> uint8 HxWx3 RGB by read_image's rule, or
+    InputError in one line. The size is checked before anything is decoded."""
+    check_pixels(*image.size)
+    if image.mode == "F":
+        raise InputError("32-bit float images are not supported: save it as an 8- or 16-bit "
+                         "PNG, or a JPEG")
+    try:
+        return _to_rgb8(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InputError(f"the image data is truncated or corrupt ({_first_line(e)}); "
+                         f"re-save it as PNG or JPEG") from None
+
+
+def _to_rgb8(image):
+    """Upright (EXIF), then 8-bit RGB: Gradio's steps, 16-bit gray by its high byte."""
+    import PIL.ImageOps
+    if image.getexif().get(0x0112, 1) != 1:         # 274: Orientation; 1 is upright
+        image.load()                                 # decoding errors: the caller's message
+        try:
+            image = PIL.ImageOps.exif_transpose(image)
+        except Exception:                            # a broken EXIF block: as Gradio, unrotated
+            pass
+    if image.mode.startswith("I"):                   # "I;16", "I;16B", "I": 16- or 32-bit gray
+        gray = (np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
 
 
 def _integer(name, value, low, high):

@@ -36,6 +36,7 @@ from cldm.model import (
     POSITION_IDS,
     CheckpointError,
     _match_clip_layout,
+    check_checkpoint_file,
     check_state_dict,
     create_model,
     load_state_dict,
@@ -152,6 +153,7 @@ def _checkpoint_reader(path):
     (never the whole state dict in host memory); so is a zip-format torch file (torch.load with
     mmap=True). Other files, and every file that fails to load, go through cldm.model's
     load_state_dict: whole, with its checks and error messages."""
+    check_checkpoint_file(path)     # not a file, unreadable, or more tensors than memory
     if os.path.splitext(path)[1].lower() == ".safetensors" and os.path.isfile(path):
         try:
             handle = safetensors.safe_open(path, framework="pt", device="cpu")

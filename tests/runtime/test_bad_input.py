@@ -8,6 +8,7 @@ import pickle
 import re
 
 import cv2
+import PIL.ImageFile
 import numpy as np
 import pytest
 import torch
@@ -35,7 +36,7 @@ IMAGE[16:48, 20:60] = 200
 # A 50 MP + 1 px view that takes no memory: the check must refuse it before any copy is made.
 OVER_LIMIT = np.broadcast_to(np.uint8(0), (1, inputs.MAX_INPUT_PIXELS + 1, 3))
 API_BAD = [
-    (dict(input_image=OVER_LIMIT), "too large.*at most 50"),
+    (dict(input_image=OVER_LIMIT), "too large.*more than the 50,000,000"),
     (dict(input_image=np.broadcast_to(np.uint16(0), (7072, 7072))), "too large"),
     (dict(input_image=[[0, 0], [0, 0]]), "numpy array"),
     (dict(input_image="photo.png"), "numpy array"),
@@ -72,7 +73,7 @@ def test_api_bad_values(bad, message):
 
 def test_pixel_limit_is_one_rule():
     inputs.check_pixels(10_000, 5_000)                        # exactly 50 MP passes
-    with pytest.raises(InputError, match="10001x5000 = 50 megapixels"):
+    with pytest.raises(InputError, match=r"10001x5000 = 50,005,000 pixels, more than the 50,000,000 \(50 megapixels\) allowed"):
         inputs.check_pixels(10_001, 5_000)
     assert inputs.MAX_UPLOAD_BYTES == 3 * inputs.MAX_INPUT_PIXELS
 
@@ -153,15 +154,16 @@ def files(tmp_path_factory):
 
 @pytest.fixture
 def no_decoding(monkeypatch):
-    """cv2.imdecode refuses to run: a check that must happen on the header alone."""
+    """PIL refuses to decode pixel data (runtime.inputs.read_image decodes with PIL): a check
+    that must happen on the header alone."""
     def refuse(*args, **kwargs):
         raise AssertionError("the image was decoded")
-    monkeypatch.setattr(cv2, "imdecode", refuse)
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", refuse)
 
 
 @pytest.mark.parametrize("name, pattern", [
     ("huge_1bit.png", "too large"),
-    ("over_limit.png", r"too large: 8000x7000 = 56 megapixels \(at most 50\)"),
+    ("over_limit.png", r"too large: 8000x7000 = 56,000,000 pixels, more than the 50,000,000"),
 ])
 def test_cli_pixel_limit_before_decoding(files, name, pattern, no_decoding, tmp_path, capfd):
     code, out, err = _cli([files[name], "--tiny", "--outdir", str(tmp_path / "o")], capfd)
@@ -170,11 +172,11 @@ def test_cli_pixel_limit_before_decoding(files, name, pattern, no_decoding, tmp_
 
 
 @pytest.mark.parametrize("name, pattern", [
-    ("truncated.png", "not an image that can be read, or truncated"),
+    ("truncated.png", "the image data is truncated or corrupt"),
     ("empty.png", "not an image that can be read"),
     ("text.png", "not an image that can be read"),
     ("junk.jpg", "not an image that can be read"),
-    ("float.tif", "float32 pixels are not supported"),
+    ("float.tif", "32-bit float images are not supported"),
 ])
 def test_cli_unreadable_images_no_opencv_warnings(files, name, pattern, tmp_path, capfd):
     code, out, err = _cli([files[name], "--tiny", "--outdir", str(tmp_path / "o")], capfd)
