@@ -5,13 +5,16 @@ the denoising loop alone, median/min/max over --repeats runs after --warmup, pea
 (max_memory_allocated, reset per row), and the difference from reference mode: the relative error
 of the first step's guided eps and the PSNR of the decoded images (same seed, same x_T), and
 kernels/step: one eager step of the row's options (graph off) under torch.profiler, with its GPU
-time by kernel family (benchmarks/profile_step.py; --no-profile skips it).
+time by kernel family (benchmarks/profile_step.py; --no-profile skips it); --by-shape N adds the
+step's GPU time by op x input shapes x kernel and, at batch 1, the same for CLIP, the
+per-generation precompute and the VAE decode (outside the loop).
 
 Rows:
   reference            upstream-equivalent fp32 (Canny2Image mode="reference")
   fp16                 FastOptions.plain(): model in fp16 + SDPA attention, eager, two CFG calls
   +kernels (per-op Triton kernels, no fusions), +batched_cfg, +precompute, +channels_last,
-  +cuda_graph (two streams), +fusions (kernels.DEFAULT_FUSIONS: = full fast mode)
+  +cuda_graph (two streams), +fusions (kernels.DEFAULT_FUSIONS: = full fast mode), +conv_gemm
+  (every fusion, also the small-map 3x3 convolutions as im2col + GEMM: not a default)
   compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
                        in a subprocess with a time limit: "did not compile within N s" is
                        recorded if it runs over
@@ -44,7 +47,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.profile_step import family_cell, profile_step  # noqa: E402
+from benchmarks.profile_step import family_cell, profile_outside, profile_step, shape_table  # noqa: E402
+from kernels import FUSIONS  # noqa: E402
 from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.fast import FastOptions, owner  # noqa: E402
 from runtime.inputs import A_PROMPT, CONFIG_FULL, N_PROMPT  # noqa: E402
@@ -61,6 +65,7 @@ ABLATION = [
     ("+channels_last", dict(channels_last=True)),
     ("+cuda_graph", dict(cuda_graph=True, two_streams=True)),
     ("+fusions", dict(fusions=None)),   # kernels.DEFAULT_FUSIONS (= full fast mode)
+    ("+conv_gemm", dict(fusions=FUSIONS)),  # + small-map 3x3 convolutions as im2col + GEMM
 ]
 PROMPT = "a house under the sun"
 
@@ -161,7 +166,8 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
     results = []
     # The eager ablation steps are host-bound (~1-2 s a run): by default only at the first batch
     # size, which keeps the whole sweep under 8 minutes on an H100.
-    full = name in ("reference", "+cuda_graph", "+fusions", "compile") or args.ablation_all_batches
+    full = name in ("reference", "+cuda_graph", "+fusions", "+conv_gemm", "compile") \
+        or args.ablation_all_batches
     for size in args.sizes:
         # A square picture a little larger than `size`: resize_image gives exactly size x size.
         image = sample_image(size * 5 // 4, size * 5 // 4)
@@ -211,7 +217,11 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
                         fe, re_ = info["first_eps"].float(), refs[key]["eps"]
                         r["eps_rel_err"] = float((fe - re_).norm() / re_.norm())
                     if args.profile and torch.cuda.is_available():  # one eager step, graph off
-                        r["step_profile"] = profile_step(row_runner, size, batch, args.scale)
+                        r["step_profile"] = profile_step(row_runner, size, batch, args.scale,
+                                                         shapes=args.by_shape)
+                        if args.by_shape and batch == 1:
+                            r["outside_profile"] = profile_outside(row_runner, size, batch,
+                                                                   args.scale, args.by_shape)
             except Exception as e:  # one failing row must not stop the run
                 r["error"] = f"{type(e).__name__}: {e}"
                 log.error("row %s %s x%d failed:\n%s", name, size, batch, traceback.format_exc())
@@ -273,6 +283,15 @@ def markdown(env, rows):
                   "kernels/ms)", "", "| row | size | batch | step |", "|---|---|---|---|"]
         lines += [f"| {r['row']} | {r['size']}² | {r['batch']} | {family_cell(r['step_profile'])} |"
                   for r in prof]
+    for r in rows:  # --by-shape: GPU time by op x input shapes x kernel
+        if "by_shape" in r.get("step_profile", {}):
+            bs = r["step_profile"]["by_shape"]
+            lines += ["", f"### {r['row']} {r['size']}² ×{r['batch']}: one step by op × shape × kernel "
+                      f"({bs['gpu_ms']:.2f} ms of GPU time)", "", shape_table(bs["rows"], 15)]
+        for ph, v in r.get("outside_profile", {}).get("phases", {}).items():
+            lines += ["", f"{r['row']} {r['size']}² ×{r['batch']}, outside the loop, {ph}: "
+                      f"{v['ms']:.2f} ms of GPU time, {v['kernels']} kernels", "",
+                      shape_table(v["rows"], 6)]
     return "\n".join(lines) + "\n"
 
 
@@ -295,6 +314,9 @@ def main():
     ap.add_argument("--no-eps-error", dest="eps_error", action="store_false")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the per-row profiled eager step (kernels/step column)")
+    ap.add_argument("--by-shape", type=int, default=0, metavar="N",
+                    help="the profiled step by op x input shapes x kernel (N costliest), and at "
+                         "batch 1 the phases outside the loop (CLIP, precompute, VAE decode)")
     ap.add_argument("--compile", action="store_true", help="add the torch.compile row (slow)")
     ap.add_argument("--compile-timeout", type=int, default=300)
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session of checks and measurements, as run on the device machine (H200) for the README:
 #   1. the GPU tests (tests marked `gpu`: kernels at every real shape, fast mode graph == eager, ...)
-#   2. bench_pipeline.py: reference, full fast mode without and with the fusions, side by side
+#   2. bench_pipeline.py: reference, fast mode without fusions, full, and + conv_gemm, side by side
 #      with the previous commit's fast mode (PREV_TREE: an exported tree of that commit)
 # Usage: OUT=results_dir PREV_TREE=path PREV_COMMIT=sha bash benchmarks/gpu_session.sh
 # Wheels the GPU machine lacks (omegaconf, open_clip_torch, ftfy, wcwidth) are installed from
@@ -21,10 +21,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 python3 benchmarks/bench_pipeline.py --sizes 512 256 --batches 1 4 --repeats 5 --ref-repeats 2 \
-  --warmup 1 --rows reference +cuda_graph +fusions --out "$OUT" --tag "${TAG:-h200}" \
+  --warmup 1 --rows reference +cuda_graph +fusions +conv_gemm --out "$OUT" --tag "${TAG:-h200}" \
   2>&1 | tee "$OUT/bench.log" | grep -v " INFO " | tail -20
 if [ -n "${PREV_TREE:-}" ]; then
   (cd "$PREV_TREE" && GIT_COMMIT=${PREV_COMMIT:-prev} python3 benchmarks/bench_pipeline.py \
-    --sizes 512 256 --batches 1 4 --repeats 5 --warmup 1 --rows +cuda_graph --no-eps-error \
+    --sizes 512 256 --batches 1 4 --repeats 5 --warmup 1 --rows +fusions --no-eps-error \
     --out "$OUT" --tag "${TAG:-h200}_prev" 2>&1 | tee "$OUT/bench_prev.log" | grep -v " INFO " | tail -8)
 fi

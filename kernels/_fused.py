@@ -24,6 +24,13 @@ counted; `strict=True` raises instead.
 * conv1x1_bias: a 1x1 Conv2d on a channels_last input as F.linear on its [B, H, W, C] view, which
   gets cuBLAS's bias epilogue (H200, [2,320,64,64]: 9.5 µs against 6.1 + 7.1 µs for GEMM + bias
   pass). Used by the ControlNet's zero convolutions; NCHW inputs (the VAE) run the conv as is.
+* conv_gemm: a 3x3 convolution with a small channels_last output map (Ho·Wo <= platform's
+  "conv_gemm" MAX_HW: the 4x4 maps of the 256² UNet's 1280-channel level) as im2col + one cuBLAS
+  GEMM (kernels/conv.py), where cuDNN's implicit GEMM leaves most SMs idle; nn.Conv2d sites and
+  the fused ResBlock's bias-free convolutions alike. Larger maps, NCHW maps and targets with
+  MAX_HW 0 run cuDNN (counted "unfused"). Not a default fusion: +89 kernels a step at 256² for
+  -0.11 ms of GPU time (platform.py has the numbers); a one-kernel split-K convolution is the
+  real fix for these maps.
 * skip_cat has no site here: fast mode's decoder (runtime/fast.py) calls kernels.residual's
   skip_cat through `handle.run("skip_cat", ...)` when the handle lists it.
 Measured on the H200 (benchmarks/results/fusions_h200.md): all six take a 512² step from 1150 to
@@ -36,7 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import platform
 from .attention import attention
+from .conv import conv2d_gemm
 from .group_norm import group_norm
 from .layer_norm import MAX_N as LN_MAX_N
 from .layer_norm import layer_norm
@@ -44,8 +53,11 @@ from .patch import _dense_reason, _tensor_reason
 from .residual import bias_residual
 
 
-def _conv(conv, x):
-    """conv(x) without its bias (the caller adds it inside a fused kernel)."""
+def _conv(handle, conv, x):
+    """conv(x) without its bias (the caller adds it inside a fused kernel); on a small map as a
+    GEMM when the handle has "conv_gemm"."""
+    if "conv_gemm" in handle.fusions and conv_gemm_ok(conv):
+        return _conv_gemm(handle, conv, x, None)
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -70,17 +82,17 @@ def patch_resblock(handle, rb):
         def fast():
             gn1, conv1 = self.in_layers[0], self.in_layers[2]
             h = group_norm(x, gn1.num_groups, gn1.weight, gn1.bias, gn1.eps, silu=True)
-            h = _conv(conv1, h)
+            h = _conv(handle, conv1, h)
             emb_out = self.emb_layers(emb).type(h.dtype)
             gn2 = self.out_layers[0]
             h = group_norm(h, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps, silu=True,
                            add=emb_out, add_c=conv1.bias)
-            h = _conv(self.out_layers[3], self.out_layers[2](h))
+            h = _conv(handle, self.out_layers[3], self.out_layers[2](h))
             skip = self.skip_connection
             if isinstance(skip, nn.Identity):
                 res, b2 = x, None
             else:
-                res, b2 = _conv(skip, x), skip.bias
+                res, b2 = _conv(handle, skip, x), skip.bias
             return bias_residual(h, self.out_layers[3].bias, res, b2)
 
         r = _dense_reason(x) or (None if x.dim() == 4 and emb.dim() == 2 else "rank")
@@ -211,3 +223,35 @@ def patch_conv1x1(handle, conv):
                             self.bias).permute(0, 3, 1, 2)
         return handle.run("conv1x1_bias", r, fast, lambda: orig(x))
     handle._set(conv, "forward", forward, "conv1x1_bias")
+
+
+# -- small maps: 3x3 convolution as im2col + GEMM -------------------------------------------------
+def conv_gemm_ok(m):
+    return (_is_conv2d(m) and m.kernel_size == (3, 3) and m.dilation == (1, 1) and m.groups == 1)
+
+
+def _out_pixels(conv, x):
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    return ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+
+
+def _conv_gemm(handle, conv, x, bias):
+    """conv(x) with `bias` as im2col + GEMM on a small channels_last map, else F.conv2d."""
+    def slow():
+        return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    r = _tensor_reason(x)
+    max_hw = platform.config("conv_gemm")["MAX_HW"]
+    if r is None and not (x.dim() == 4 and _out_pixels(conv, x) <= max_hw
+                          and not x.is_contiguous()
+                          and x.is_contiguous(memory_format=torch.channels_last)):
+        handle.counts["conv_gemm"]["unfused"] += 1  # large or NCHW map: cuDNN's case
+        return slow()
+    return handle.run("conv_gemm", r, lambda: conv2d_gemm(x, conv.weight, bias, conv.stride,
+                                                         conv.padding), slow)
+
+
+def patch_conv_gemm(handle, conv):
+    def forward(self, x):
+        return _conv_gemm(handle, self, x, self.bias)
+    handle._set(conv, "forward", forward, "conv_gemm")

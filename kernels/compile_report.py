@@ -8,7 +8,11 @@ with kernels.patch; inside `platform.as_target(t)` the UNet + ControlNet (CFG ba
 tensors while `JITFunction.run` is replaced by a recorder. So the launches are the ones the real
 launchers make, with the configurations the runtime would pick from platform's tables, and
 Triton's own binder specialises them for the target's backend (ints equal to 1 become
-constexprs, 16-divisibility, AMD's buffer-range attribute). Each distinct launch is then built
+constexprs, 16-divisibility, AMD's buffer-range attribute). Convolutions on meta tensors return
+NCHW whatever their inputs; `_gpu_conv_layout` gives them the layout cuDNN / MIOpen give (so the
+kernels after a convolution, e.g. the channels_last GroupNorms with the fused conv bias, are the
+variants a GPU launches). Each launch also gets a `launch_key` (computed the same way from a real
+GPU run: tests/kernels/test_compile_gate.py checks a fast generation against this list). Each distinct launch is then built
 with triton.compile(ASTSource(...), target=GPUTarget(...)) and its code inspected: registers,
 spills, scratch, LDS / shared memory, matrix instructions, occupancy (kernels/occupancy.py).
 Writes compile_report.json and compile_report.md. tests/kernels/test_compile_gate.py is the CI
@@ -61,6 +65,7 @@ class Launch:
     attrs: dict
     options: dict
     uses: list = field(default_factory=list)  # [{"site", "grid", "args"}]
+    keys: set = field(default_factory=set)  # launch_key()s of its uses
 
     @property
     def key(self):
@@ -72,6 +77,34 @@ class Launch:
         names = self.fn.arg_names
         items = ((names[k[0]] if isinstance(k, tuple) else k, v) for k, v in self.constexprs.items())
         return ", ".join(f"{n}={v}" for n, v in items if n.isupper())
+
+
+# Constexprs that are launch configuration (tile sizes and what follows from them), not code
+# features: they differ between targets' tables, so launch_key's "feature" part leaves them out.
+_CONFIG_CONSTEXPRS = re.compile(r"^(BLOCK\w*|ROWS|S_P2|DP|EVEN_N)$")
+
+
+def launch_key(fn, args, kwargs) -> tuple[str, str]:
+    """(feature, exact) signature of one launch `fn[grid](*args, **kwargs)`, from the arguments
+    the launcher passes (no Triton internals beyond JITFunction.params, stable since 3.0), so a
+    real GPU run and this recorder compute it the same way: the kernel, every tensor's dtype,
+    the integer arguments equal to 1 (Triton specialises them: a stride of 1 is the memory
+    format) and the code-feature constexprs (SILU, HAS_ADD_C, CHANNELS_LAST, ...); `exact` adds
+    the launch-config constexprs and num_warps / num_stages (only comparable on one target)."""
+    bound = {p.name: p.default for p in fn.params}
+    bound.update(zip((p.name for p in fn.params), args))
+    bound.update((k, v) for k, v in kwargs.items() if k in bound)
+    feature, config = [fn.__name__], []
+    for p in fn.params:
+        v = bound[p.name]
+        if isinstance(v, torch.Tensor):
+            feature.append(f"{p.name}:{str(v.dtype).replace('torch.', '')}")
+        elif p.is_constexpr:
+            (config if _CONFIG_CONSTEXPRS.match(p.name) else feature).append(f"{p.name}={v}")
+        elif isinstance(v, int) and not isinstance(v, bool) and v == 1:
+            feature.append(f"{p.name}=1")
+    config += [f"{k}={kwargs[k]}" for k in ("num_warps", "num_stages") if k in kwargs]
+    return " ".join(feature), " ".join(feature + config)
 
 
 def _gpu_target(t: platform.Target):
@@ -90,6 +123,7 @@ def _recording(target: platform.Target, sink: list, site: list):
     orig = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
+        key = launch_key(self, args, kwargs)
         kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
         if id(self) not in binders:
@@ -100,7 +134,7 @@ def _recording(target: platform.Target, sink: list, site: list):
         summary = {k: (list(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in bound.items()
                    if isinstance(v, (torch.Tensor, int, float, bool))}
         sink.append((Launch(self.__name__, self, signature, constexprs, attrs, dict(options.__dict__)),
-                     {"site": site[0], "grid": list(grid), "args": summary}))
+                     {"site": site[0], "grid": list(grid), "args": summary, "key": key}))
         return None
 
     JITFunction.run = run
@@ -108,6 +142,32 @@ def _recording(target: platform.Target, sink: list, site: list):
         yield
     finally:
         JITFunction.run = orig
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def _gpu_conv_layout():
+    """F.conv2d on meta tensors returns NCHW whatever its inputs; cuDNN and MIOpen return
+    channels_last when the input or the weight is channels_last (torch's
+    cudnn_conv_suggest_memory_format). Every convolution (nn.Conv2d's and the fusions' direct
+    F.conv2d calls) goes through torch.nn.functional.conv2d, so that is where the layout is set:
+    the kernels that read a convolution's output see the strides a GPU gives them."""
+    orig = torch.nn.functional.conv2d
+
+    def conv2d(x, weight, *args, **kwargs):
+        y = orig(x, weight, *args, **kwargs)
+        if y.device.type == "meta" and (_channels_last(x) or _channels_last(weight)):
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
+
+    torch.nn.functional.conv2d = conv2d
+    try:
+        yield
+    finally:
+        torch.nn.functional.conv2d = orig
 
 
 def build_model(channels_last=True):
@@ -136,17 +196,14 @@ def record(target_name: str, model=None, batches=(1, 2), size=512, channels_last
     sink, site = [], ["?"]
     lat = size // 8
     hooks = []
-    if channels_last:  # meta convolutions return NCHW; cuDNN/MIOpen keep NHWC inputs NHWC
-        for net in (model.model.diffusion_model, model.control_model):
-            hooks += [m.register_forward_hook(lambda m, i, o: o.contiguous(memory_format=torch.channels_last))
-                      for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     # The decoder's skip concatenations: fast mode's decoder (not the model's forward) calls the
     # "skip_cat" fusion, so its launches are made here, at the shapes the UNet forward shows.
     unet = model.model.diffusion_model
     skips, cats = [], []
     hooks += [b.register_forward_hook(lambda m, i, o: skips.append(o)) for b in unet.input_blocks]
     hooks += [b.register_forward_pre_hook(lambda m, i: cats.append(i[0])) for b in unet.output_blocks]
-    with platform.as_target(target_name) as t, _recording(t, sink, site), torch.no_grad():
+    with platform.as_target(target_name) as t, _recording(t, sink, site), _gpu_conv_layout(), \
+            torch.no_grad():
         handle = kernels.patch(model, strict=True)  # a fallback would hide a launch: raise
         try:
             for B in batches:
@@ -178,7 +235,9 @@ def record(target_name: str, model=None, batches=(1, 2), size=512, channels_last
                 h.remove()
     distinct = {}
     for launch, use in sink:
-        distinct.setdefault(launch.key, launch).uses.append(use)
+        lch = distinct.setdefault(launch.key, launch)
+        lch.keys.add(use.pop("key"))
+        lch.uses.append(use)
     return list(distinct.values())
 
 
@@ -227,7 +286,9 @@ def compile_launch(launch: Launch, target_name: str) -> dict:
            "has_dot": "tl.dot(" in launch.fn.src,
            "pointer_types": sorted({v for v in launch.signature.values()
                                     if isinstance(v, str) and v.startswith("*")}), "sites": sorted({u["site"] for u in launch.uses}),
-           "calls": len(launch.uses)}
+           "calls": len(launch.uses),
+           "signatures": sorted({f for f, _ in launch.keys}),
+           "launch_keys": sorted({e for _, e in launch.keys})}
     try:
         compiled = triton.compile(src, target=_gpu_target(t), options=launch.options)
     except Exception as e:  # recorded, not raised: the report shows every failure

@@ -57,8 +57,10 @@ TORCH_SITES = ("sdpa", "cross_kv")  # counted like kernels; need no Triton
 # "skip_cat" has no patch site: fast mode's decoder (runtime/fast.py) calls kernels.residual's
 # skip_cat through handle.run when the handle lists it.
 FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias",
-           "skip_cat")
-DEFAULT_FUSIONS = FUSIONS
+           "skip_cat", "conv_gemm")
+# conv_gemm is not a default: it halves the 4x4 convolutions' time at 256² but adds two copy
+# kernels per call, and end to end it measured within noise (kernels/_fused.py, H200 2026-12-03).
+DEFAULT_FUSIONS = tuple(f for f in FUSIONS if f != "conv_gemm")
 ENV_DISABLE = "CONTROLNET_KERNELS_DISABLE"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HANDLE_ATTR = "_kernels_patch_handle"  # plain attribute on the root: never in state_dict
@@ -106,8 +108,9 @@ class PatchHandle:
         counted = KERNELS + tuple(k for k in TORCH_SITES if enabled.get(k)) + self.fusions
         self.counts = {k: {"sites": 0, "calls": 0, "fallbacks": 0, "reasons": {}} for k in counted}
         self.counts["attention"]["sdpa"] = 0
-        if "conv1x1_bias" in self.counts:
-            self.counts["conv1x1_bias"]["unfused"] = 0  # NCHW inputs: nothing to fuse
+        for name in ("conv1x1_bias", "conv_gemm"):
+            if name in self.counts:
+                self.counts[name]["unfused"] = 0  # inputs it is not for (NCHW, large maps)
         self._qkv_cache = {}  # fusion "qkv": module -> (weights' key, concatenated weight)
         self._changes = []  # (module, attribute name, previous instance value or _MISSING, new)
 

@@ -231,6 +231,15 @@ _CUDA = {
     # bias + residual epilogue (kernels/residual.py): [BLOCK_P, <=64 channels] tiles of
     # ~BLOCK elements; chosen like "elementwise", not tuned separately
     "residual": dict(BLOCK=2048, num_warps=4),
+    # fusion conv_gemm (kernels/conv.py): 3x3 convolutions with channels_last output maps of at
+    # most MAX_HW pixels as im2col + cuBLAS GEMM instead of cuDNN. H200 (cuDNN 9.19, CUDA graph,
+    # benchmarks/results/small_convs_h200.md), CFG batch 2: 4x4 outputs win ([2,1280,4,4] 16.7 vs
+    # 25.2 µs, 2560 in 31.0 vs 37.9, stride 2 from 8x8 17.3 vs 20.3); from 8x8 up cuDNN wins
+    # (8x8 1280: 29.7 vs 26.1 µs; 16x16: 56 vs 37). In fast mode at 256² (profile of one eager
+    # step, bench_h200_20261203.md) the 19 [2,1280,4,4] convolutions took 0.20 ms instead of
+    # 0.43, the step 4.27 ms of GPU time instead of 4.38, but 871 kernels instead of 782 (pad +
+    # im2col copies): not in kernels.DEFAULT_FUSIONS.
+    "conv_gemm": dict(MAX_HW=16),
 }
 
 # RDNA3 (gfx11: W7900 = gfx1100, wave32, 96 CUs / 48 WGPs, 64 KB LDS per workgroup, 1536 VGPRs
@@ -256,6 +265,8 @@ _HIP = {
     "layer_norm": dict(ELEMS_PER_PROGRAM=4096, num_warps=8),
     "elementwise": dict(BLOCK=2048, num_warps=8),
     "residual": dict(BLOCK=2048, num_warps=4),  # 4 waves of 32 lanes: 16 elements a lane
+    # MIOpen vs rocBLAS at small maps is not measured: no map takes the GEMM path on AMD
+    "conv_gemm": dict(MAX_HW=0),
 }
 
 # CDNA (gfx9: MI300X = gfx942, wave64, 304 CUs, 64 KB LDS, 512 unified VGPR/AGPRs per lane, MFMA).
@@ -290,6 +301,7 @@ _INTERP = {
     "layer_norm": dict(ELEMS_PER_PROGRAM=4096, num_warps=4),
     "elementwise": dict(BLOCK=4096, num_warps=4),
     "residual": dict(BLOCK=4096, num_warps=4),
+    "conv_gemm": dict(MAX_HW=16),  # the CUDA rule, so CPU tests take the GEMM path
 }
 
 

@@ -80,3 +80,69 @@ def test_dot_kernels_use_the_matrix_units_with_16_bit_inputs(report, target, fie
     assert dots, "no launch of a tl.dot kernel recorded"
     assert all(r[field] > 0 for r in dots), [(r["kernel"], r["config"]) for r in dots if not r[field]]
     assert all("*fp32" not in r["pointer_types"] for r in dots)
+
+
+# -- the gate's list vs what a GPU launches -----------------------------------------------------------
+COMMITTED = os.path.join(REPO, "benchmarks", "results", "compile_report.json")
+
+
+def _signatures(rows, target, field="signatures"):
+    return {s for r in rows if r["target"] == target for s in r[field]}
+
+
+def test_the_committed_report_lists_what_the_recorder_records(report):
+    """The GPU test below checks a real run against the committed report: it must be current."""
+    with open(COMMITTED) as f:
+        committed = json.load(f)
+    for target in TARGETS:
+        assert _signatures(committed["rows"], target) == _signatures(report["rows"], target), (
+            f"{COMMITTED} is stale for {target}: rerun `python -m kernels.compile_report`")
+
+
+@pytest.mark.gpu
+def test_every_launch_of_a_fast_generation_is_in_the_gate(monkeypatch):
+    """A real fast-mode generation (full-size model, random weights, 512², batch 1, CFG, graph
+    captured, VAE decode) on this GPU: every Triton launch it makes, by launch_key's signature
+    (kernel, tensor dtypes, integer arguments equal to 1 — strides, i.e. memory format — and the
+    code-feature constexprs), is one the gate compiled for gfx1100 and gfx942; on an sm_90 GPU
+    with 132 SMs the exact launch (block sizes, warps, stages) is in the report's sm90 list."""
+    from triton.runtime.jit import JITFunction
+
+    from runtime.fast import FastOptions, FastRunner
+    from runtime.weights import build_model
+
+    with open(COMMITTED) as f:
+        rows = json.load(f)["rows"]
+    seen = {}
+    orig = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        seen.setdefault(compile_report.launch_key(self, args, kwargs), self.__name__)
+        return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "run", run)
+    model = build_model(os.path.join(REPO, "models", "cldm_v15.yaml"), random_weights=True,
+                        device="cuda", seed=0)
+    runner = FastRunner(model, FastOptions())
+    try:
+        g = torch.Generator().manual_seed(0)
+        hint = torch.rand((1, 3, 512, 512), generator=g).cuda()
+        ctx_c, ctx_u = (torch.randn((1, 77, 768), generator=g).cuda() for _ in range(2))
+        x_T = torch.randn((1, 4, 64, 64), generator=g).cuda()
+        z, info = runner.sample(hint, ctx_c, ctx_u, x_T, steps=2, scale=9.0)
+        assert info.get("graph"), info
+        runner.decode(z)
+    finally:
+        runner.close()
+    assert seen, "no Triton launch recorded"
+    features = {f for f, _ in seen}
+    # the issue this test came from: channels_last GroupNorm with the fused convolution bias
+    assert any(f.startswith("_gn_") and "CHANNELS_LAST=True" in f and "HAS_ADD_C=True" in f
+               for f in features), sorted(features)
+    for target in TARGETS:
+        missing = features - _signatures(rows, target)
+        assert not missing, (target, sorted(missing))
+    props = torch.cuda.get_device_properties(0)
+    if (props.major, props.minor) == (9, 0) and props.multi_processor_count == 132:
+        missing = {e for _, e in seen} - _signatures(rows, "sm90", "launch_keys")
+        assert not missing, sorted(missing)

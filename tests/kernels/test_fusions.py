@@ -249,6 +249,52 @@ def test_fusion_names_and_default():
 GPU_MAPS = [(320, 64), (640, 32), (1280, 16), (1280, 8)]
 
 
+# -- conv_gemm: small-map 3x3 convolutions as im2col + GEMM ----------------------------------------
+@pytest.mark.parametrize("cl", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_gemm(cl, k, stride, padding, bias):
+    from kernels.conv import conv2d_gemm
+    x, w = _rand(2, 6, 7, 5, seed=30).double(), _rand(4, 6, k, k, seed=31).double()
+    b = _rand(4, seed=32).double() if bias else None
+    if cl:
+        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+    y = conv2d_gemm(x, w, b, stride, padding)
+    want = torch.nn.functional.conv2d(x, w, b, stride, padding)
+    assert y.shape == want.shape and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_conv_bias", [False, True])
+@pytest.mark.parametrize("hw,gemm", [(4, True), (5, False)])  # 5² > MAX_HW: cuDNN's case
+def test_conv_gemm_resblock_and_downsample(with_conv_bias, hw, gemm):
+    """ResBlock (conv1, conv2: the fused ResBlock's bias-free _conv or nn.Conv2d's forward) and a
+    stride-2 Downsample to an hw x hw map, strict, vs the unpatched module in fp64; larger maps
+    stay on cuDNN."""
+    assert (hw * hw <= platform.config("conv_gemm")["MAX_HW"]) == gemm
+    from ldm.modules.diffusionmodules.openaimodel import Downsample
+    fu = ("conv_bias", "conv_gemm") if with_conv_bias else ("conv_gemm",)
+    for make, inputs in ((lambda: _resblock(32, 64), [_rand(2, 32, hw, hw, seed=33), _rand(2, 32, seed=34)]),
+                         (lambda: Downsample(32, True, dims=2), [_rand(2, 32, 2 * hw, 2 * hw, seed=35)])):
+        m = _randomize(make()).to(DEV)
+        ref_m = copy.deepcopy(m).double()
+        from ldm.modules.diffusionmodules.util import GroupNorm32
+        for sub in ref_m.modules():
+            if isinstance(sub, GroupNorm32):
+                sub.float()
+        m = m.to(memory_format=torch.channels_last)
+        args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in inputs]
+        with torch.no_grad():
+            want = ref_m(*[a.double() for a in inputs])
+            with kernels.patched(m, strict=True, fusions=fu, **OTHERS) as h:
+                got = m(*args)
+        c = h.counts["conv_gemm"]
+        assert c["fallbacks"] == 0
+        assert (c["calls"] >= 1, c["unfused"] == 0) == (gemm, gemm), c
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert_close(got, want, torch.float32, scale=5.0)
+
+
 def _fast_copy(m, dtype):
     from ldm.modules.diffusionmodules.util import GroupNorm32
     m = copy.deepcopy(m).to(dtype)
@@ -285,6 +331,18 @@ def test_gpu_resblock(ch, hw):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ch", [1280, 640])
+def test_gpu_conv_gemm(ch):
+    """The 4x4 maps of the 256² UNet: fp16 GEMM path vs fp32, no worse than cuDNN's."""
+    from ldm.modules.diffusionmodules.openaimodel import Downsample
+    _gpu_check(lambda: _resblock(ch, ch), [torch.randn(2, ch, 4, 4), torch.randn(2, 32)],
+               "conv_gemm")
+    _gpu_check(lambda: _resblock(2 * ch, ch), [torch.randn(2, 2 * ch, 4, 4), torch.randn(2, 32)],
+               "conv_gemm")
+    _gpu_check(lambda: Downsample(ch, True, dims=2), [torch.randn(2, ch, 8, 8)], "conv_gemm")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fusion", ["spatial_transformer", "qkv", "add_layer_norm"])
 @pytest.mark.parametrize("ch,hw", GPU_MAPS)
 def test_gpu_spatial_transformer(fusion, ch, hw):
@@ -294,7 +352,7 @@ def test_gpu_spatial_transformer(fusion, ch, hw):
 
 # -- fast mode on the tiny model: every fusion runs, nothing falls back, same eps as unfused -------
 def test_fast_mode_tiny_fusions_match_unfused():
-    """Fast mode with every default fusion vs none: each fusion runs, none falls back, the first
+    """Fast mode with every fusion vs none: each fusion runs, none falls back, the first
     step's eps agrees (fp32 in the interpreter, fp16 on a GPU)."""
     from types import SimpleNamespace
     from benchmarks.profile_step import _inputs
@@ -306,7 +364,7 @@ def test_fast_mode_tiny_fusions_match_unfused():
                         random_weights=True, device=DEV, seed=0)
     inp = _inputs(SimpleNamespace(device=torch.device(DEV), unet=model.model.diffusion_model), 64, 1)
     eps = {}
-    for fu in ((), None):
+    for fu in ((), kernels.FUSIONS):
         r = FastRunner(model, FastOptions(dtype=dtype, channels_last=True, cuda_graph=False,
                                           two_streams=False, fusions=fu))
         try:
@@ -315,6 +373,6 @@ def test_fast_mode_tiny_fusions_match_unfused():
             c = r.kernel_handle.counts
         finally:
             r.close()  # a fast runner owns the model until closed
-    for f in kernels.DEFAULT_FUSIONS:
+    for f in kernels.FUSIONS:
         assert c[f]["calls"] > 0 and c[f]["fallbacks"] == 0, (f, c[f])
-    assert_close(eps[None], eps[()], dtype, scale=5.0)
+    assert_close(eps[kernels.FUSIONS], eps[()], dtype, scale=5.0)
