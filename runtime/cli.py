@@ -1,4 +1,4 @@
-"""The `canny2image` command: upstream's canny2image process() on image files, PNGs out.
+"""The `canny2image` command: its flags and main(); the job itself is runtime/app.py's run.
 
     canny2image photo.jpg --prompt "a house" --random-weights
     canny2image                      # the built-in sample picture (runtime/sample.py)
@@ -9,8 +9,8 @@ Choices made here (upstream has no CLI):
 * --seed defaults to 12345, so two runs with the same flags give the same images; -1 draws a
   random seed like the demo (upstream's randint(0, 65535)). The seed used is printed.
 * On a machine without an accelerator, unless --image-resolution / --ddim-steps are given, the
-  run is made smaller (CPU_RESOLUTION, CPU_STEPS) so the full-size model finishes in a few
-  minutes on two cores; the choice is printed at start.
+  run is made smaller (runtime/app.py's CPU_RESOLUTION, CPU_STEPS) so the full-size model
+  finishes in a few minutes on two cores; the choice is printed at start.
 * Images are read by runtime/inputs.py's read_image, the demo's reader too (upright by EXIF,
   8-bit RGB, alpha dropped), after the size in the file's header is checked (MAX_INPUT_PIXELS):
   nothing too large is ever decoded.
@@ -23,31 +23,16 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
-import time
 
-import numpy as np
-
-from runtime import inputs
+from cldm.model import DEFAULT_CHECKPOINT
+from runtime import app
+from runtime.app import CPU_RESOLUTION, CPU_STEPS, AppError
 from runtime.errors import InputError, NonFiniteOutputError
-from runtime.inputs import (A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_ETA,
-                            DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, DEFAULT_RESOLUTION,
-                            DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH, MODES, N_PROMPT,
-                            check_inputs)
+from runtime.inputs import (A_PROMPT, DEFAULT_ETA, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD,
+                            DEFAULT_RESOLUTION, DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH,
+                            MODES, N_PROMPT)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-# Full-size model, fp32, torch's 2 CPU threads, sample image (256x320 px), measured in CPU time
-# (process_time, robust to other jobs on the machine): model build with random weights 11 s, one
-# DDIM step (two model calls) 19.5 s, VAE decode 13 s. The whole default command
-# (`canny2image --random-weights`, 10 steps) took 287 s user + 54 s system CPU time on a shared
-# 2-core machine (11 min wall there, at 51 % of one core), i.e. about 3 minutes on two idle cores.
-# Upstream's 512 px / 20 steps costs ~4x per step and twice the steps: over 20 minutes.
-CPU_RESOLUTION, CPU_STEPS = 256, 10
 DEFAULT_SEED = 12345
-
-
-class CliError(Exception):
-    """A failure explained in one line."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,8 +55,8 @@ def add_model_flags(p):
     (not with --ckpt: Parser checks), and --low-vram."""
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--ckpt", default=None,
-                         help="checkpoint (.pth/.ckpt/.safetensors; default "
-                              "./models/control_sd15_canny.pth)")
+                         help=f"checkpoint (.pth/.ckpt/.safetensors; default {DEFAULT_CHECKPOINT}, "
+                              f"or the same name as .safetensors)")
     weights.add_argument("--random-weights", action="store_true",
                          help="full-size model with seeded random weights (images are noise)")
     p.add_argument("--tiny", action="store_true",
@@ -134,260 +119,12 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def pick_device(spec):
-    import torch
-    if spec != "auto":
-        try:
-            device = torch.device(spec)
-        except RuntimeError as e:
-            raise CliError(f"--device {spec}: {e}") from None
-        if device.type != "cpu" and not _available(device):
-            raise CliError(f"--device {spec}: no such device is available to torch")
-        return device
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and accelerator.is_available():
-        return accelerator.current_accelerator()
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _available(device):
-    import torch
-    module = getattr(torch, device.type, None)
-    if module is None or not hasattr(module, "is_available") or not module.is_available():
-        return False
-    index = device.index or 0
-    return not hasattr(module, "device_count") or index < module.device_count()
-
-
-def list_inputs(path):
-    """[(name, path)] for a file or every image in a folder (sorted)."""
-    if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise CliError(f"{path}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
-        paths = [os.path.join(path, f) for f in files]
-    elif os.path.isfile(path):
-        paths = [path]
-    else:
-        try:
-            kind = inputs.special_file(path)
-        except OSError:
-            kind = None
-        raise CliError(f"{path}: {kind}, not an image file" if kind
-                       else f"{path}: no such file or folder")
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    names = [s if stems.count(s) == 1 else os.path.basename(p).replace(".", "_")
-             for s, p in zip(stems, paths)]
-    return list(zip(names, paths))
-
-
-def read_image(path):
-    """runtime.inputs.read_image (the one image reader: uint8 RGB), its errors as CliError."""
-    try:
-        return inputs.read_image(path)
-    except InputError as e:
-        raise CliError(f"{path}: {e}") from None
-
-
-def check_outdir(path):
-    """Create the output folder and make sure files can be written there, before any work."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise CliError(f"--outdir {path}: cannot write there ({e.strerror or e})") from None
-
-
-def write_png(path, image, text):
-    from PIL import Image, PngImagePlugin
-    info = PngImagePlugin.PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)
-    Image.fromarray(image).save(path, pnginfo=info)
-
-
-def build_pipeline(args, device):
-    from cldm.model import CheckpointError
-    from runtime import lowvram
-    from runtime.canny2image import Canny2Image
-    from runtime.weights import build_model
-
-    lowvram.configure(getattr(args, "low_vram", False))     # before the model is built
-    config = CONFIG_TINY if args.tiny else CONFIG_FULL
-    random_weights = args.tiny or args.random_weights
-    try:
-        model = build_model(config, ckpt=args.ckpt, random_weights=random_weights,
-                            device=device, seed=args.weights_seed)
-    except CheckpointError as e:
-        raise CliError(str(e)) from None
-    return Canny2Image(model, mode=args.mode)
-
-
-def default_mode(device):
-    """fast on a GPU (with --low-vram too: it keeps its fp16 diffusion networks resident and
-    brings CLIP and the VAE in for their phase), reference on the CPU."""
-    import torch
-    return "reference" if torch.device(device).type == "cpu" else "fast"
-
-
-def run(args):
-    from runtime import folder_job
-    from runtime.sample import SAMPLE_NAME, SAMPLE_PROMPT, sample_image
-
-    try:
-        ranks = folder_job.Ranks.from_env()
-        device = folder_job.rank_device(pick_device(args.device), ranks)
-    except folder_job.JobError as e:
-        raise CliError(str(e)) from None
-    if args.mode is None:
-        args.mode = default_mode(device)
-    say = lambda msg: print(f"canny2image: {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    if ranks.rank != 0:   # under torchrun rank 0 speaks for the job; the others only fail loudly
-        say = lambda msg: None  # noqa: E731
-    resolution, steps = args.image_resolution, args.ddim_steps
-    cpu_choices = []
-    if device.type == "cpu" and resolution is None:
-        resolution = CPU_RESOLUTION
-        cpu_choices.append(f"--image-resolution {CPU_RESOLUTION} (upstream: {DEFAULT_RESOLUTION})")
-    if device.type == "cpu" and steps is None:
-        steps = CPU_STEPS
-        cpu_choices.append(f"--ddim-steps {CPU_STEPS} (upstream: {DEFAULT_STEPS})")
-    resolution = DEFAULT_RESOLUTION if resolution is None else resolution
-    steps = DEFAULT_STEPS if steps is None else steps
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if not args.wait_timeout > 0:
-        raise CliError(f"--wait-timeout must be a positive number of seconds, got "
-                       f"{args.wait_timeout}")
-
-    folder = args.input is not None and os.path.isdir(args.input)
-    if args.input is None:
-        prompt = SAMPLE_PROMPT if args.prompt is None else args.prompt
-    else:
-        prompt = "" if args.prompt is None else args.prompt
-    params = dict(prompt=prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt,
-                  num_samples=args.num_samples, image_resolution=resolution,
-                  ddim_steps=steps, guess_mode=args.guess_mode, strength=args.strength,
-                  scale=args.scale, eta=args.eta,
-                  low_threshold=args.low_threshold, high_threshold=args.high_threshold)
-    # Check everything that can be checked before the (slow) model build: the settings (on a
-    # stand-in image) for a folder, whose files are read one by one as they are processed; the
-    # image itself for one file.
-    if folder:
-        try:
-            check_inputs(np.zeros((64, 64), np.uint8), seed=args.seed, **params)
-        except InputError as e:
-            raise CliError(str(e)) from None
-        single = None
-    else:
-        name, path = (SAMPLE_NAME, None) if args.input is None else list_inputs(args.input)[0]
-        image = sample_image() if path is None else read_image(path)
-        try:
-            check_inputs(image, seed=args.seed, **params)
-        except InputError as e:
-            raise CliError(f"{path or 'sample image'}: {e}") from None
-        single = (name, path, image)
-        if ranks.rank != 0:
-            return   # one input: rank 0 does it
-    if not (args.tiny or args.random_weights):
-        from cldm.model import DEFAULT_CHECKPOINT, CheckpointError, check_checkpoint_path
-        ckpt = args.ckpt or DEFAULT_CHECKPOINT
-        try:
-            check_checkpoint_path(ckpt)
-        except CheckpointError as e:
-            hint = (" To try the pipeline without it, pass --random-weights or --tiny."
-                    if not os.path.lexists(ckpt) else "")
-            raise CliError(f"{e}{hint}") from None
-    check_outdir(args.outdir)
-    if folder:
-        try:
-            tasks, parts = folder_job.start(
-                ranks, args.outdir, lambda: folder_job.plan(list_inputs(args.input), args.seed))
-        except folder_job.JobError as e:
-            raise CliError(str(e)) from None
-        if ranks.world > 1:
-            say(f"{len(tasks)} files on {ranks.world} processes")
-        if args.batch_size > 1 and args.eta != 0:
-            say(f"--batch-size {args.batch_size} needs --eta 0 (per-step noise would differ "
-                f"from one image at a time): running one image at a time")
-
-    if cpu_choices:
-        say(f"no accelerator, so a shorter CPU run: {' and '.join(cpu_choices)}; pass the flags "
-            f"to choose")
-    kind = "tiny model" if args.tiny else "full-size model"
-    weights = "random weights" if (args.tiny or args.random_weights) else (
-        args.ckpt or "./models/control_sd15_canny.pth")
-    say(f"building the {kind} ({weights}) on {device}, {args.mode} mode ...")
-    start = time.perf_counter()
-    pipeline = build_pipeline(args, device)
-    random_weights = bool(getattr(pipeline.model, "random_weights", False))
-    say(f"model ready in {time.perf_counter() - start:.1f} s")
-    weights_text = (f"random (seed {args.weights_seed}): images are noise, not results"
-                    if random_weights else f"checkpoint {args.ckpt or 'default'}")
-    tag = "_random-weights" if random_weights else ""
-
-    def png_text(source, seed):
-        return {"Software": "controlnet-fast canny2image", "weights": weights_text,
-                "source": source or "built-in sample", "seed": str(seed), "mode": args.mode,
-                **{k: str(v) for k, v in params.items()}}
-
-    if folder:
-        settings = folder_job.Settings(outdir=args.outdir, params=params,
-                                       batch_size=args.batch_size, tag=tag, text=png_text,
-                                       quiet=args.quiet, wait_timeout=args.wait_timeout)
-        records = folder_job.run(tasks, parts, pipeline, settings, ranks, read=read_image,
-                                 write=write_png, expected=(CliError, InputError), say=say)
-        if ranks.rank != 0:
-            return
-        written = [os.path.join(args.outdir, f) for r in records for f in r["outputs"]]
-        failed = folder_job.failure_message(records, args.outdir)
-    else:
-        name, path, image = single
-        t0 = time.perf_counter()
-        bar = None if args.quiet else _progress_bar(name)
-        try:
-            results = pipeline.process(image, seed=args.seed, progress=bar, **params)
-        finally:
-            if bar is not None:
-                bar.close()
-        seed = pipeline.last_seed
-        task = folder_job.Task(0, name, path, seed)
-        written = [os.path.join(args.outdir, f)
-                   for f in folder_job.output_names(task, len(results), tag)]
-        for file, result in zip(written, results):
-            write_png(file, result, png_text(path, seed))
-        h, w = results[0].shape[:2]
-        say(f"{path or 'sample image'}: {w}x{h}, seed {seed}, {time.perf_counter() - t0:.1f} s")
-        failed = None
-    note = " (RANDOM WEIGHTS: the images are noise)" if random_weights else ""
-    shown = ", ".join(os.path.basename(f) for f in written[:4]) + (
-        f", ... ({len(written)} files)" if len(written) > 4 else "")
-    print(f"canny2image: wrote {len(written)} PNGs to {os.path.abspath(args.outdir)}: "
-          f"{shown}{note}", flush=True)
-    if failed:
-        raise CliError(failed)
-
-
-def _progress_bar(name):
-    from tqdm import tqdm
-    bar = tqdm(desc=f"DDIM {name}", unit="step", file=sys.stderr, leave=False)
-
-    def progress(done, total):
-        if bar.total != total:
-            bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    progress.close = bar.close
-    return progress
-
-
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="canny2image: %(message)s")
     try:
-        run(args)
-    except (CliError, InputError, NonFiniteOutputError) as e:
+        app.run(args)
+    except (AppError, InputError, NonFiniteOutputError) as e:
         print(f"canny2image: error: {e}", file=sys.stderr)
         return 1
     except MemoryError:
