@@ -1,13 +1,22 @@
 """Compare this port with an upstream lllyasviel/ControlNet checkout, stage by stage.
 
   python benchmarks/diff_upstream.py --upstream ../ControlNet           # tiny, random weights
-  python benchmarks/diff_upstream.py --upstream ../ControlNet --full-size --random-weights
+  python benchmarks/diff_upstream.py --upstream ../ControlNet --full-size --steps 2
   python benchmarks/diff_upstream.py --upstream ../ControlNet --ckpt models/control_sd15_canny.pth
+
+Cost: the tiny config takes well under a minute on a CPU. A full-size run (--full-size or --ckpt)
+on the CPU needs about 11-12 GB of RAM (each side holds the fp32 model and the weights it loads;
+the sides run one after the other), 5.7 GB of disk for the seeded random weights in the temporary
+folder (TMPDIR moves it; --ckpt needs none) and, at the default 20 steps, tens of minutes on two
+cores, most of it in canny2image's 2 cases x 2 sides x 20 DDIM steps. --steps 2 finishes in
+minutes (about 7 on two idle cores: an estimate from per-step CPU timings, not a measured run).
 
 Each side runs in its own process (benchmarks/diff_upstream_worker.py) with only its own tree on
 sys.path, so upstream's `ldm`/`cldm` never mix with ours. Both build the model with their tree's
-`cldm.model.create_model` + `load_state_dict` from the same weights (the checkpoint, or seeded
+`cldm.model.create_model` + `load_state_dict` from the same weights (the checkpoint, or else seeded
 random weights written once to a temporary safetensors file) and get the same recorded inputs.
+A side that fails is named with its reason (a worker killed by SIGKILL: likely out of memory) and
+the log it left.
 Stages:
   clip         conditioning of a prompt set: plain, > 77 tokens, unicode, HTML entities, empty,
                odd whitespace, the demo's negative prompt; one at a time and as one batch
@@ -28,7 +37,9 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +52,8 @@ sys.path.insert(0, os.path.dirname(WORKER))
 import diff_upstream_worker as worker  # noqa: E402  (imports nothing from either tree)
 
 REFERENCE_REL_TOL = 1e-5
+# A full-size run's RAM (see Cost above), for the message about a worker the kernel killed.
+FULL_SIZE_RAM_GB = "11-12"
 # Fast mode (fp16 on a GPU) against upstream's fp32: measured on an H100 at full size with random
 # weights, first-step eps 1.1e-2 relative L2 error and 59 dB PSNR (benchmarks/results); the
 # thresholds leave room for other weights and GPUs.
@@ -144,13 +157,40 @@ def run_worker(side, tree, config, weights, inputs, out, device, stages, modes, 
     with open(log_path, "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
-        with open(log_path) as f:
-            lines = [line.strip() for line in f if line.strip()]
-        errors = [line for line in lines if line.startswith("error:")]
-        last = errors[-1][len("error:"):].strip() if errors else (lines[-1] if lines else "")
-        raise ToolError(f"the {side} side ({tree}) could not run: {last} (full log: {log_path})")
+        raise ToolError(f"the {side} side ({tree}) could not run: {failure_reason(rc, log_path)} "
+                        f"(full log: {log_path})")
     import torch
     return torch.load(out, weights_only=True)
+
+
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+
+
+def failure_reason(rc, log_path):
+    """Why a worker with exit status `rc` failed, in words: the signal that killed it (SIGKILL:
+    likely the out-of-memory killer), else its last `error:` line, else the exception that ended
+    its traceback, else its exit status. Never a progress-bar line: a worker killed mid-sampling
+    leaves one as its last line."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        if -rc == signal.SIGKILL:
+            return (f"killed by {name}, likely out of memory (a full-size run needs about "
+                    f"{FULL_SIZE_RAM_GB} GB of RAM)")
+        return f"killed by {name}"
+    with open(log_path, errors="replace") as f:   # universal newlines: tqdm's \r redraws too
+        lines = [line.strip() for line in f if line.strip()]
+    errors = [line[len("error:"):].strip() for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1]
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    raised = [line for line in lines[tracebacks[-1]:] if EXCEPTION_LINE.match(line)] \
+        if tracebacks else []
+    if raised:
+        return f"exit status {rc} after {raised[-1]}"
+    return f"exit status {rc}, no error message"
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,13 +386,11 @@ def parse_args(argv):
                 "upstream side:\n" + plants))
     p.add_argument("--upstream", required=True, metavar="DIR",
                    help="an upstream lllyasviel/ControlNet checkout (or this repository)")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--ckpt", metavar="PATH",
-                         help="checkpoint for both sides (.pth/.ckpt/.safetensors; implies "
-                              "--full-size). A Lightning .ckpt pickle must first be converted to "
-                              ".safetensors (torch.load(weights_only=True) refuses it).")
-    weights.add_argument("--random-weights", action="store_true",
-                         help="seeded random weights (the default without --ckpt)")
+    p.add_argument("--ckpt", metavar="PATH",
+                   help="checkpoint for both sides (.pth/.ckpt/.safetensors; implies "
+                        "--full-size); without it both get seeded random weights. A Lightning "
+                        ".ckpt pickle must first be converted to .safetensors "
+                        "(torch.load(weights_only=True) refuses it).")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--mode", nargs="+", choices=("reference", "fast"), default=["reference"],
@@ -364,7 +402,8 @@ def parse_args(argv):
                    help="image resolution of the UNet/VAE inputs and canny2image "
                         "(default 64 tiny, 256 full size)")
     p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps of canny2image (default 4 tiny, 20 full size)")
+                   help="DDIM steps of canny2image (default 4 tiny, 20 full size; a full-size "
+                        "CPU run takes tens of minutes at 20, minutes at 2)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per side (default 1 for the tiny config, where more threads "
                         "only contend, else torch's default); both sides use the same")
@@ -409,11 +448,20 @@ def run(args, upstream, ours_config, up_config, resolution, steps):
     try:
         inputs = os.path.join(workdir, "inputs.pt")
         torch.save(make_inputs(ours_config, resolution, steps, args.seed), inputs)
+        if full and args.device == "cpu":
+            print(f"full size on the CPU: about {FULL_SIZE_RAM_GB} GB of RAM"
+                  + ("" if args.ckpt else f", 5.7 GB of temporary weights in {workdir}")
+                  + f", {steps} DDIM steps per canny2image case (tens of minutes at 20 on two "
+                    f"cores, minutes at --steps 2)", file=sys.stderr, flush=True)
         if args.ckpt is not None:
             weights, what = os.path.abspath(args.ckpt), f"checkpoint {args.ckpt}"
         else:
             weights = os.path.join(workdir, "weights.safetensors")
-            write_random_weights(ours_config, weights, args.seed)
+            try:
+                write_random_weights(ours_config, weights, args.seed)
+            except OSError as e:
+                raise ToolError(f"cannot write the random weights to {workdir} "
+                                f"({e.strerror or e}): set TMPDIR to a folder with room") from None
             what = f"random weights (seed {args.seed})"
         common = dict(weights=weights, inputs=inputs, device=args.device, stages=args.stages,
                       modes=args.mode, threads=threads, workdir=workdir)

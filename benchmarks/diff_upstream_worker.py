@@ -100,11 +100,19 @@ def isolate(tree):
 
 
 def check_origin(tree):
-    """Raise WorkerError if any loaded tree package came from somewhere else."""
+    """Raise WorkerError if a loaded tree package came from somewhere else: one the tree has, from
+    anywhere but the tree; one it lacks, from this repository. (A package of the same name that
+    neither has is someone else's: the Hub's `kernels`, which transformers imports when it is
+    installed, is not this repository's kernels/.)"""
+    repo = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if name.split(".")[0] in TREE_PACKAGES and path and \
-                not os.path.realpath(path).startswith(tree + os.sep):
+        top = name.split(".")[0]
+        if top not in TREE_PACKAGES or not path:
+            continue
+        path = os.path.realpath(path)
+        has = any(os.path.exists(os.path.join(tree, top + ext)) for ext in ("", ".py"))
+        if (not path.startswith(tree + os.sep)) if has else path.startswith(repo + os.sep):
             raise WorkerError(f"module {name} was imported from {path}, not from {tree}")
 
 

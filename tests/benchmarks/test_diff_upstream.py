@@ -99,6 +99,55 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "no such file" in err[0]
 
 
+# A stand-in for the worker: draws a progress bar as sampling does, then ends as FAKE_WORKER says.
+FAKE_WORKER = '''
+import os, signal, sys
+sys.stderr.write("DDIM Sampler:  20%|##        | 4/20 [00:10<00:40,  2.5s/it]\\r")
+sys.stderr.flush()
+how = os.environ["FAKE_WORKER"]
+if how in ("KILL", "TERM"):
+    os.kill(os.getpid(), getattr(signal, "SIG" + how))
+if how == "raise":
+    raise RuntimeError("boom in the worker")
+sys.exit(3)
+'''
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("KILL", "killed by SIGKILL, likely out of memory (a full-size run needs about 11-12 GB of "
+             "RAM)"),
+    ("TERM", "killed by SIGTERM"),
+    ("raise", "exit status 1 after RuntimeError: boom in the worker"),
+    ("exit", "exit status 3, no error message"),
+])
+def test_a_killed_or_crashed_worker_is_reported_as_such(tmp_path, capsys, monkeypatch, how,
+                                                        reason):
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(FAKE_WORKER)
+    monkeypatch.setattr(diff_upstream, "WORKER", str(fake))
+    monkeypatch.setenv("FAKE_WORKER", how)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the kept log goes
+    rc, result, captured = run_tool(tmp_path, capsys, "--upstream", REPO, "--stages", "vae")
+    assert rc == 2 and result is None
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"error: the upstream side ({REPO}) could not run: {reason} "
+                           f"(full log: "), line
+    assert "DDIM" not in line and "%|" not in line           # the progress bar is no reason
+    log = line.split("(full log: ")[1].rstrip(")")
+    assert "DDIM Sampler:  20%" in open(log).read()          # it stays in the log
+
+
+def test_help_says_what_a_full_size_cpu_run_costs(capsys):
+    with pytest.raises(SystemExit):
+        diff_upstream.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "11-12 GB of RAM" in text and "5.7 GB of disk" in text
+    assert "tens of minutes" in text and "--full-size --steps 2" in text
+    with pytest.raises(SystemExit):                # the default already: the flag is gone
+        diff_upstream.main(["--upstream", REPO, "--random-weights"])
+    assert "unrecognized arguments: --random-weights" in capsys.readouterr().err
+
+
 # A FrozenCLIPEmbedder shaped like upstream's (spec §4.7): hub-bound transformers classes, device
 # the string "cuda", no size parameters. Written from the spec for this test.
 SPEC_CLIP_MODULE = '''
