@@ -32,13 +32,15 @@ def recorded(monkeypatch, tmp_path):
     monkeypatch.setattr(runtime.inputs, "REPO", str(tmp_path / "package"))
     calls = []
 
-    def build_model(config_path, ckpt=None, random_weights=False, device="cpu", seed=0):
+    def build_model(config_path, ckpt=None, random_weights=False, device="cpu", seed=0,
+                    **options):
         calls.append(dict(config=config_path, ckpt=ckpt, random_weights=random_weights,
-                          device=str(device), seed=seed, save_memory=config.save_memory))
+                          device=str(device), seed=seed, save_memory=config.save_memory,
+                          options=options))
         return object()
 
     def canny2image(model, mode="reference", options=None):
-        calls[-1].update(mode=mode, options=options)
+        calls[-1].update(mode=mode, fast_options=options)
         raise _Stop()
 
     monkeypatch.setattr(runtime.weights, "build_model", build_model)
