@@ -10,7 +10,8 @@ bash scripts/setup_env.sh
 args=("$@")
 case " $* " in
   *" --ckpt"*|*" --random-weights "*|*" --tiny "*) ;;
-  *) ckpt=$(.venv/bin/python -c 'from runtime.app import find_checkpoint; print(find_checkpoint() or "")')
+  *) ckpt=$(.venv/bin/python -c \
+       'from runtime.app import find_checkpoint; print(find_checkpoint() or "")')
      [ -n "$ckpt" ] || args+=(--random-weights) ;;
 esac
 exec .venv/bin/canny2image "${args[@]}"
