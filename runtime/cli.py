@@ -22,8 +22,11 @@ run goes on past a bad file and ends non-zero after the others (runtime/folder_j
 import argparse
 import logging
 import os
+import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -35,7 +38,6 @@ from runtime.inputs import (A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_ETA,
                             DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH, MODES, N_PROMPT,
                             check_inputs)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Full-size model, fp32, torch's 2 CPU threads, sample image (256x320 px), measured in CPU time
 # (process_time, robust to other jobs on the machine): model build with random weights 11 s, one
 # DDIM step (two model calls) 19.5 s, VAE decode 13 s. The whole default command
@@ -131,6 +133,13 @@ def parse_args(argv):
     p.add_argument("--wait-timeout", type=float, default=1800.0,
                    help="under torchrun: how long rank 0 waits without news from any other rank "
                         "before it gives up on them (seconds, default %(default)g)")
+    p.add_argument("--rendezvous-timeout", type=float, default=120.0,
+                   help="under torchrun: how long the ranks wait for each other at the start "
+                        "(seconds, default %(default)g)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files in --outdir (else a run that would replace a "
+                        "file refuses, naming it) and redo the files an interrupted folder run "
+                        "with the same settings finished (else they are skipped)")
     return p.parse_args(argv)
 
 
@@ -159,26 +168,24 @@ def _available(device):
     return not hasattr(module, "device_count") or index < module.device_count()
 
 
-def list_inputs(path):
-    """[(name, path)] for a file or every image in a folder (sorted)."""
+def list_inputs(path, outdir=None):
+    """([(name, path)], skipped) for a file or the image files of a folder (sorted; see
+    folder_job.list_folder: only regular files, not this command's outputs in `outdir`)."""
+    from runtime import folder_job, outputs
     if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise CliError(f"{path}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
-        paths = [os.path.join(path, f) for f in files]
-    elif os.path.isfile(path):
-        paths = [path]
-    else:
-        try:
-            kind = inputs.special_file(path)
-        except OSError:
-            kind = None
-        raise CliError(f"{path}: {kind}, not an image file" if kind
-                       else f"{path}: no such file or folder")
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    names = [s if stems.count(s) == 1 else os.path.basename(p).replace(".", "_")
-             for s, p in zip(stems, paths)]
-    return list(zip(names, paths))
+        files, skipped = folder_job.list_folder(path, outdir)
+        if not files and not skipped:
+            raise CliError(f"{outputs.shown(path)}: no images in this folder "
+                           f"({', '.join(folder_job.IMAGE_EXTENSIONS)})")
+        return files, skipped
+    if os.path.isfile(path):
+        return [(outputs.stems([path])[0], path)], []
+    try:
+        kind = inputs.special_file(path)
+    except OSError:
+        kind = None
+    raise CliError(f"{outputs.shown(path)}: {kind}, not an image file" if kind
+                   else f"{outputs.shown(path)}: no such file or folder")
 
 
 def read_image(path):
@@ -186,7 +193,8 @@ def read_image(path):
     try:
         return inputs.read_image(path)
     except InputError as e:
-        raise CliError(f"{path}: {e}") from None
+        from runtime.outputs import shown
+        raise CliError(f"{shown(path)}: {e}") from None
 
 
 def check_outdir(path):
@@ -196,14 +204,6 @@ def check_outdir(path):
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise CliError(f"--outdir {path}: cannot write there ({e.strerror or e})") from None
-
-
-def write_png(path, image, text):
-    from PIL import Image, PngImagePlugin
-    info = PngImagePlugin.PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)
-    Image.fromarray(image).save(path, pnginfo=info)
 
 
 def build_pipeline(args, device):
@@ -231,7 +231,8 @@ def default_mode(device):
 
 
 def run(args):
-    from runtime import folder_job
+    from runtime import folder_job, outputs
+    from runtime.outputs import shown
     from runtime.sample import SAMPLE_NAME, SAMPLE_PROMPT, sample_image
 
     try:
@@ -256,6 +257,9 @@ def run(args):
     steps = DEFAULT_STEPS if steps is None else steps
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not args.rendezvous_timeout > 0:
+        raise CliError(f"--rendezvous-timeout must be a positive number of seconds, got "
+                       f"{args.rendezvous_timeout}")
     if not args.wait_timeout > 0:
         raise CliError(f"--wait-timeout must be a positive number of seconds, got "
                        f"{args.wait_timeout}")
@@ -280,12 +284,12 @@ def run(args):
             raise CliError(str(e)) from None
         single = None
     else:
-        name, path = (SAMPLE_NAME, None) if args.input is None else list_inputs(args.input)[0]
+        name, path = (SAMPLE_NAME, None) if args.input is None else list_inputs(args.input)[0][0]
         image = sample_image() if path is None else read_image(path)
         try:
             check_inputs(image, seed=args.seed, **params)
         except InputError as e:
-            raise CliError(f"{path or 'sample image'}: {e}") from None
+            raise CliError(f"{shown(path or 'sample image')}: {e}") from None
         single = (name, path, image)
         if ranks.rank != 0:
             return   # one input: rank 0 does it
@@ -299,71 +303,96 @@ def run(args):
                     if not os.path.lexists(ckpt) else "")
             raise CliError(f"{e}{hint}") from None
     check_outdir(args.outdir)
-    if folder:
-        try:
-            tasks, parts = folder_job.start(
-                ranks, args.outdir, lambda: folder_job.plan(list_inputs(args.input), args.seed))
-        except folder_job.JobError as e:
-            raise CliError(str(e)) from None
-        if ranks.world > 1:
-            say(f"{len(tasks)} files on {ranks.world} processes")
-        if args.batch_size > 1 and args.eta != 0:
-            say(f"--batch-size {args.batch_size} needs --eta 0 (per-step noise would differ "
-                f"from one image at a time): running one image at a time")
-
-    if cpu_choices:
-        say(f"no accelerator, so a shorter CPU run: {' and '.join(cpu_choices)}; pass the flags "
-            f"to choose")
-    kind = "tiny model" if args.tiny else "full-size model"
-    weights = "random weights" if (args.tiny or args.random_weights) else (
-        args.ckpt or "./models/control_sd15_canny.pth")
-    say(f"building the {kind} ({weights}) on {device}, {args.mode} mode ...")
-    start = time.perf_counter()
-    pipeline = build_pipeline(args, device)
-    random_weights = bool(getattr(pipeline.model, "random_weights", False))
-    say(f"model ready in {time.perf_counter() - start:.1f} s")
+    random_weights = args.tiny or args.random_weights
     weights_text = (f"random (seed {args.weights_seed}): images are noise, not results"
                     if random_weights else f"checkpoint {args.ckpt or 'default'}")
     tag = "_random-weights" if random_weights else ""
 
     def png_text(source, seed):
-        return {"Software": "controlnet-fast canny2image", "weights": weights_text,
+        return {"Software": outputs.SOFTWARE, "weights": weights_text,
                 "source": source or "built-in sample", "seed": str(seed), "mode": args.mode,
-                **{k: str(v) for k, v in params.items()}}
+                "model": "tiny" if args.tiny else "full", **{k: str(v) for k, v in params.items()}}
+
+    job = {k: outputs.storable(v) for k, v in png_text(None, args.seed).items()
+           if k not in ("source", "Software")}
+    settings = folder_job.Settings(outdir=args.outdir, params=params, batch_size=args.batch_size,
+                                   tag=tag, text=png_text, quiet=args.quiet,
+                                   wait_timeout=args.wait_timeout, job=job,
+                                   overwrite=args.overwrite, world=ranks.world)
+    if folder:
+        def make_plan():
+            files, skipped = list_inputs(args.input, args.outdir)
+            return folder_job.prepare(files, skipped, settings, args.seed)
+        try:
+            job_plan, parts = folder_job.start(ranks, args.outdir, make_plan,
+                                               args.rendezvous_timeout)
+        except (folder_job.JobError, outputs.OutputError) as e:
+            raise CliError(str(e)) from None
+        if ranks.world == 1:
+            outputs.remove_stale_temporaries(args.outdir)
+        for skip in job_plan.skipped:
+            say(f"skipped {shown(skip['input'])}: {shown(skip['reason'])}")
+        if job_plan.resumed:
+            say(f"resuming: {len(job_plan.resumed)} of {job_plan.total} files already done by "
+                f"an earlier run with these settings (recorded in "
+                f"{shown(os.path.join(args.outdir, folder_job.MANIFEST))}), not redone: "
+                f"{outputs.listing(job_plan.resumed, args.input)}; pass --overwrite to redo them")
+        if ranks.world > 1:
+            say(f"{len(job_plan.tasks)} files on {ranks.world} processes")
+        if args.batch_size > 1 and args.eta != 0:
+            say(f"--batch-size {args.batch_size} needs --eta 0 (per-step noise would differ "
+                f"from one image at a time): running one image at a time")
+    else:
+        name, path, image = single
+        seed = random.randint(0, 65535) if args.seed == -1 else args.seed   # as upstream
+        task = folder_job.Task(0, name, path, seed)
+        written = [os.path.join(args.outdir, f)
+                   for f in folder_job.output_names(task, 1 + args.num_samples, tag)]
+        text = png_text(path, seed)
+        try:
+            outputs.check_plan({f: path for f in written}, [path], args.outdir,
+                               overwrite=args.overwrite,
+                               ours=lambda f: outputs.same_origin(f, text))
+        except outputs.OutputError as e:
+            raise CliError(str(e)) from None
+
+    if cpu_choices:
+        say(f"no accelerator, so a shorter CPU run: {' and '.join(cpu_choices)}; pass the flags "
+            f"to choose")
+    kind = "tiny model" if args.tiny else "full-size model"
+    weights = "random weights" if random_weights else (
+        args.ckpt or "./models/control_sd15_canny.pth")
+    start = time.perf_counter()
+    if folder and not folder_job.share(job_plan.tasks, max(1, args.batch_size), ranks):
+        pipeline = None      # nothing to do here (all done before, or the other ranks' files)
+    else:
+        say(f"building the {kind} ({shown(weights)}) on {device}, {args.mode} mode ...")
+        pipeline = build_pipeline(args, device)
+        say(f"model ready in {time.perf_counter() - start:.1f} s")
 
     if folder:
-        settings = folder_job.Settings(outdir=args.outdir, params=params,
-                                       batch_size=args.batch_size, tag=tag, text=png_text,
-                                       quiet=args.quiet, wait_timeout=args.wait_timeout)
-        records = folder_job.run(tasks, parts, pipeline, settings, ranks, read=read_image,
-                                 write=write_png, expected=(CliError, InputError), say=say)
+        records = folder_job.run(job_plan, parts, pipeline, settings, ranks, read=read_image,
+                                 expected=(CliError, InputError), say=say)
         if ranks.rank != 0:
             return
         written = [os.path.join(args.outdir, f) for r in records for f in r["outputs"]]
         failed = folder_job.failure_message(records, args.outdir)
     else:
-        name, path, image = single
         t0 = time.perf_counter()
-        bar = None if args.quiet else _progress_bar(name)
+        bar = None if args.quiet else _progress_bar(shown(name))
         try:
-            results = pipeline.process(image, seed=args.seed, progress=bar, **params)
+            results = pipeline.process(image, seed=seed, progress=bar, **params)
         finally:
             if bar is not None:
                 bar.close()
-        seed = pipeline.last_seed
-        task = folder_job.Task(0, name, path, seed)
-        written = [os.path.join(args.outdir, f)
-                   for f in folder_job.output_names(task, len(results), tag)]
-        for file, result in zip(written, results):
-            write_png(file, result, png_text(path, seed))
+        folder_job.write_outputs([(f, result, text) for f, result in zip(written, results)])
         h, w = results[0].shape[:2]
-        say(f"{path or 'sample image'}: {w}x{h}, seed {seed}, {time.perf_counter() - t0:.1f} s")
+        say(f"{shown(path or 'sample image')}: {w}x{h}, seed {seed}, "
+            f"{time.perf_counter() - t0:.1f} s")
         failed = None
     note = " (RANDOM WEIGHTS: the images are noise)" if random_weights else ""
-    shown = ", ".join(os.path.basename(f) for f in written[:4]) + (
-        f", ... ({len(written)} files)" if len(written) > 4 else "")
-    print(f"canny2image: wrote {len(written)} PNGs to {os.path.abspath(args.outdir)}: "
-          f"{shown}{note}", flush=True)
+    print(f"canny2image: wrote {len(written)} PNGs to {shown(os.path.abspath(args.outdir))}: "
+          f"{outputs.listing(written, args.outdir)}{note}", flush=True)
     if failed:
         raise CliError(failed)
 
@@ -383,19 +412,27 @@ def _progress_bar(name):
 
 
 def main(argv=None):
+    from runtime.outputs import OutputError, Terminated, handle_sigterm, shown
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="canny2image: %(message)s")
+    previous = (handle_sigterm() if threading.current_thread() is threading.main_thread()
+                else None)
     try:
         run(args)
-    except (CliError, InputError, NonFiniteOutputError) as e:
-        print(f"canny2image: error: {e}", file=sys.stderr)
+    except (CliError, InputError, NonFiniteOutputError, OutputError) as e:
+        print(f"canny2image: error: {shown(e)}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("canny2image: terminated (SIGTERM); finished files are complete, run the same "
+              "command again to go on", file=sys.stderr)
+        return 143
     except MemoryError:
         print("canny2image: error: out of memory: try a lower --image-resolution or fewer "
               "--num-samples", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("canny2image: interrupted", file=sys.stderr)
+        print("canny2image: interrupted; finished files are complete, run the same command "
+              "again to go on", file=sys.stderr)
         return 130
     except Exception as e:   # keep the promise of one line; details with CANNY2IMAGE_DEBUG=1
         if os.environ.get("CANNY2IMAGE_DEBUG"):
@@ -404,9 +441,12 @@ def main(argv=None):
             print("canny2image: error: out of device memory: try a lower --image-resolution or "
                   "fewer --num-samples", file=sys.stderr)
         else:
-            print(f"canny2image: error: {type(e).__name__}: {e} (set CANNY2IMAGE_DEBUG=1 for the "
-                  f"traceback)", file=sys.stderr)
+            print(f"canny2image: error: {type(e).__name__}: {shown(e)} (set CANNY2IMAGE_DEBUG=1 "
+                  f"for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
