@@ -16,6 +16,10 @@ Choices made here (upstream has no CLI):
   nothing too large is ever decoded.
 * Random weights are said in every file name (`_random-weights`), in the PNG text chunk
   "weights" and in the final line: such images are noise, not results.
+* Outputs are planned before the model is built and never replace a file unless --overwrite
+  (never an input), are written atomically, and a folder run resumes (runtime/outputs.py,
+  runtime/folder_job.py). With --seed -1 the seed is drawn here, as upstream's randint(0, 65535),
+  so that the file names are known before the run. SIGTERM ends the run like Ctrl-C (exit 143).
 Every error ends in one line on stderr and a non-zero exit status, without a traceback. A folder
 run goes on past a bad file and ends non-zero after the others (runtime/folder_job.py).
 """

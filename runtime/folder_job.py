@@ -11,13 +11,24 @@ recorded, and under torchrun the files are shared among the processes.
   PNG (name, seed, pixels) is the one a single-process run writes.
 * Shares: torchrun is recognised by WORLD_SIZE/RANK/LOCAL_RANK in the environment; rank r takes
   windows r, r + W, r + 2W, ... and runs on cuda:LOCAL_RANK (or the CPU).
-* Nothing waits on a failed rank: the only collective is one gloo broadcast at the start, before
-  anyone has worked (rank 0's file list, seeds and run id). Afterwards ranks only append one line
-  per file to their part of the manifest (out/.canny2image-parts-<id>/rank<r>.jsonl) and an end
-  line when done. Rank 0 reads the parts for its progress bar and the per-file lines, waits for
-  every end line (giving up after --wait-timeout seconds without news from anyone), writes
-  out/manifest.json; the CLI then exits non-zero if any file failed. The other ranks return normally
-  after their share, so that torchrun does not stop rank 0 before it has merged.
+* Files: only regular files (or links to them) are inputs; FIFOs, devices, sockets, folders and
+  link loops are skipped unopened and listed in the manifest's "skipped". With --outdir the
+  input folder, this command's own PNGs there are not inputs. Every output is planned and checked
+  before any work (runtime/outputs.py: never an input, never shared, an existing file only with
+  --overwrite) and written atomically, all of an input's files or none.
+* Resume: the manifest records the job's settings ("job") and is rewritten as files finish (at
+  most every MANIFEST_EVERY_S s, and on SIGINT/SIGTERM/a full disk). A run with the same settings
+  skips the inputs the manifest records as done with their files present, and says so;
+  --overwrite redoes them; other settings refuse, naming the files they would replace.
+* Start: under torchrun every rank checks in at the job's key-value store (torchrun's, or one
+  rank 0 serves at MASTER_ADDR:MASTER_PORT); rank 0 waits --rendezvous-timeout seconds at most,
+  naming the ranks that never came, then sends its plan (file list, seeds, parts folder) through
+  the store. That is the only time ranks wait on each other: afterwards ranks only append one
+  line per file to their part of the manifest (out/.canny2image-parts-<id>/rank<r>.jsonl) and an
+  end line when done. Rank 0 reads the parts for its progress bar and the per-file lines, waits
+  for every end line (giving up after --wait-timeout seconds without news from anyone), writes
+  out/manifest.json; the CLI then exits non-zero if any file failed. The other ranks return
+  normally after their share, so that torchrun does not stop rank 0 before it has merged.
 """
 import dataclasses
 import json
@@ -229,7 +240,6 @@ class Settings:
     wait_timeout: float = 1800.0
     job: dict = None        # what makes the images (a restart with other values is no resume)
     overwrite: bool = False
-    world: int = 1
 
 
 def output_names(task, count, tag):
