@@ -322,7 +322,7 @@ def run(args):
     settings = folder_job.Settings(outdir=args.outdir, params=params, batch_size=args.batch_size,
                                    tag=tag, text=png_text, quiet=args.quiet,
                                    wait_timeout=args.wait_timeout, job=job,
-                                   overwrite=args.overwrite, world=ranks.world)
+                                   overwrite=args.overwrite)
     if folder:
         def make_plan():
             files, skipped = list_inputs(args.input, args.outdir)
