@@ -41,17 +41,16 @@ import torch  # noqa: E402
 from gradio.exceptions import InvalidPathError  # noqa: E402
 from gradio_client.utils import is_http_url_like  # noqa: E402
 
-from cldm.model import CheckpointError  # noqa: E402
-from runtime.canny2image import Canny2Image  # noqa: E402
+from cldm.model import DEFAULT_CHECKPOINT, CheckpointError  # noqa: E402
+from runtime import app  # noqa: E402
 from runtime.errors import InputError, NonFiniteOutputError  # noqa: E402
 from runtime.inputs import (  # noqa: E402
-    A_PROMPT, CONFIG_FULL, CONFIG_TINY, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD,
-    DEFAULT_RESOLUTION, DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_UPLOAD_BYTES, MODES,
-    N_PROMPT, REPO, check_inputs, pil_to_array, read_image)
+    A_PROMPT, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, DEFAULT_RESOLUTION, DEFAULT_SCALE,
+    DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_UPLOAD_BYTES, MODES, N_PROMPT, check_inputs, pil_to_array,
+    read_image)
 
 log = logging.getLogger("gradio_canny2image")
 
-CKPT_CANDIDATES = ("models/control_sd15_canny.pth", "models/control_sd15_canny.safetensors")
 CKPT_URL = "https://huggingface.co/lllyasviel/ControlNet/tree/main/models"
 
 TITLE = "## Control Stable Diffusion with Canny Edge Maps"
@@ -455,20 +454,10 @@ def launch(demo, server_name="127.0.0.1", server_port=7860, **kwargs):
 # Startup
 # ---------------------------------------------------------------------------------------------
 
-def find_checkpoint():
-    """The first of ./models/control_sd15_canny.{pth,safetensors} that exists (cwd, then repo)."""
-    for base in dict.fromkeys([os.getcwd(), REPO]):
-        for rel in CKPT_CANDIDATES:
-            path = os.path.join(base, rel)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
 def no_checkpoint_banner():
     return ("### ⚠️ No checkpoint: running with random weights, so every image is noise.\n"
-            "Place `control_sd15_canny.pth` at `./models/control_sd15_canny.pth` (download it "
-            f"from {CKPT_URL}) and restart, or pass `--ckpt PATH`.")
+            f"Place `{os.path.basename(DEFAULT_CHECKPOINT)}` at `{DEFAULT_CHECKPOINT}` (download "
+            f"it from {CKPT_URL}) and restart, or pass `--ckpt PATH`.")
 
 
 def parse_args(argv=None):
@@ -507,48 +496,43 @@ def _devices(spec):
         if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
             raise SystemExit("error: --device cuda: no GPU is visible to torch")
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    from runtime.cli import CliError, pick_device
     try:
-        return [str(pick_device(spec))]
-    except CliError as e:
+        return [str(app.pick_device(spec))]
+    except app.AppError as e:
         raise SystemExit(f"error: {e}") from None
 
 
 def build_pipelines(args):
-    """The pipelines (one per device) and the banner to show, from the parsed flags."""
-    from runtime import lowvram
-    from runtime.weights import build_model
-
-    lowvram.configure(getattr(args, "low_vram", False))     # before the model is built
+    """The pipelines (one per device, built by runtime/app.py) and the banner to show, from the
+    parsed flags. Without a checkpoint the demo still starts, on random weights."""
     devices = _devices(args.device)
     on_gpu = devices[0].startswith("cuda")
-    mode = args.mode or ("fast" if on_gpu else "reference")
+    mode = args.mode or app.default_mode(devices[0])
     if mode == "fast" and not on_gpu:
         raise SystemExit("error: --mode fast needs a GPU: use --mode reference on the CPU")
 
     banner = None
     ckpt = None
-    config = CONFIG_FULL
     random_weights = args.random_weights
     if args.tiny:
-        config, random_weights = CONFIG_TINY, True
         banner = "Tiny model with random weights (`--tiny`): a smoke test, outputs are noise."
     elif args.random_weights:
         banner = "Random weights (`--random-weights`): outputs are noise."
     else:
-        ckpt = args.ckpt or find_checkpoint()
+        ckpt = args.ckpt or app.find_checkpoint()
         if ckpt is None:
             random_weights = True
             banner = no_checkpoint_banner()
-            log.warning("no checkpoint at ./models/control_sd15_canny.pth: starting with random "
-                        "weights (images are noise). Download it from %s", CKPT_URL)
+            log.warning("no checkpoint at %s: starting with random weights (images are noise). "
+                        "Download it from %s", DEFAULT_CHECKPOINT, CKPT_URL)
 
     pipelines = []
     for device in devices:
-        log.info("building the model on %s (%s, %s)", device, os.path.basename(config),
-                 ckpt or "random weights")
-        model = build_model(config, ckpt=ckpt, random_weights=random_weights, device=device)
-        pipelines.append(Canny2Image(model, mode=mode))    # --low-vram too (runtime/lowvram.py)
+        log.info("building the %s model on %s (%s)", "tiny" if args.tiny else "full-size",
+                 device, ckpt or "random weights")
+        pipelines.append(app.build_pipeline(device, mode=mode, tiny=args.tiny, ckpt=ckpt,
+                                            random_weights=random_weights,
+                                            low_vram=args.low_vram))
     log.info("mode: %s, %d queue worker(s)", pipelines[0].mode, len(pipelines))
     return pipelines, banner
 
@@ -559,7 +543,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         pipelines, banner = build_pipelines(args)
-    except (CheckpointError, InputError) as e:
+    except (app.AppError, InputError) as e:
         raise SystemExit(f"error: {e}") from None
     except OUT_OF_MEMORY:
         raise SystemExit("error: out of GPU memory while loading the model") from None

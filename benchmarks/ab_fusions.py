@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from benchmarks.profile_step import profile_step, family_cell, _inputs, table
 from runtime.fast import FastOptions, FastRunner, ddim_schedule
-from runtime.weights import DEFAULT_CONFIG, build_model
+from runtime.app import make_model
 import kernels
 
 
@@ -21,7 +21,7 @@ def main():
     t0 = time.time()
     SMOKE = bool(os.environ.get("SMOKE"))
     DEV = "cpu" if SMOKE else "cuda"
-    model = build_model(os.path.join(os.path.dirname(DEFAULT_CONFIG), "cldm_tiny.yaml") if SMOKE else DEFAULT_CONFIG, random_weights=True, device=DEV, seed=0)
+    model = make_model(DEV, tiny=SMOKE, random_weights=True)
     print("model", round(time.time() - t0, 1), flush=True)
     SIZE, B = (64, 1) if SMOKE else (512, 1)
     def opts(fu):

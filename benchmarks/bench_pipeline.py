@@ -49,11 +49,11 @@ sys.path.insert(0, REPO)
 
 from benchmarks.profile_step import family_cell, profile_outside, profile_step, shape_table  # noqa: E402
 from kernels import FUSIONS  # noqa: E402
+from runtime.app import make_model  # noqa: E402
 from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.fast import FastOptions, owner  # noqa: E402
 from runtime.inputs import A_PROMPT, CONFIG_FULL, N_PROMPT  # noqa: E402
 from runtime.sample import sample_image  # noqa: E402
-from runtime.weights import build_model  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -237,7 +237,7 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
 
 def compile_row(args):
     """Child process: torch.compile the fast eager step; prints one JSON line of results."""
-    model = build_model(args.config, random_weights=True, device="cuda", seed=0)
+    model = make_model("cuda", config=args.config, random_weights=True)
     opts = dataclasses.replace(ablation_options("+channels_last", torch.float16),
                                compile=args.compile_mode)
     pipe = Canny2Image(model, mode="fast", options=opts)
@@ -336,7 +336,7 @@ def main():
     env["config"] = os.path.relpath(os.path.abspath(args.config), REPO)  # no machine paths in results
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(args.config, random_weights=True, device=device, seed=0)
+    model = make_model(device, config=args.config, random_weights=True)
     log.info("model ready in %.1f s", time.perf_counter() - t0)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype] if device == "cuda" else torch.float32
     rows, refs = [], {}

@@ -93,10 +93,10 @@ def main():
     ap.add_argument("--tag", default="h200")
     args = ap.parse_args()
     from runtime.fast import FastOptions, FastRunner
-    from runtime.weights import DEFAULT_CONFIG, build_model
+    from runtime.app import make_model
 
     torch.backends.cudnn.benchmark = True
-    model = build_model(DEFAULT_CONFIG, random_weights=True, device="cuda", seed=0)
+    model = make_model("cuda", random_weights=True)
     runner = FastRunner(model, FastOptions(fusions=()))  # unfused: every conv with its bias
     shapes = {s: record_shapes(runner, s) for s in args.sizes}
     runner.close()

@@ -1,7 +1,7 @@
 """Start-up and memory benchmark: every figure from a fresh process, as a user launches one.
 
-Each configuration runs in its own subprocess, started the way the CLI builds its pipeline
-(runtime.cli.build_pipeline: the same weights, mode and --low-vram handling), and reports:
+Each configuration runs in its own subprocess, which builds its pipeline as every entry point does
+(runtime.app.build_pipeline: the same weights, mode and --low-vram handling), and reports:
   * time to the first image, from the moment the process is spawned (interpreter start, imports,
     model build, the first request with its kernel compilation and graph capture);
   * the model build alone and the first request alone;
@@ -48,12 +48,13 @@ MODES = ("reference", "fast", "fast-lowvram", "reference-lowvram")
 # --- the child: one launch ---------------------------------------------------------------------
 
 def child(spec):
-    """Runs in the fresh process: build like the CLI, time requests, print one JSON line."""
+    """Runs in the fresh process: build as every entry point does (runtime.app), time requests,
+    print one JSON line."""
     spawned = float(os.environ["BENCH_SPAWN_TIME"])
     import numpy as np
     import torch
 
-    from runtime.cli import build_pipeline
+    from runtime.app import build_pipeline
     from runtime.sample import sample_image
 
     cuda = spec["device"].startswith("cuda")
@@ -66,11 +67,10 @@ def child(spec):
         return value / 2**30 if cuda else None
 
     record = {"imported_s": time.time() - spawned}
-    args = argparse.Namespace(tiny=spec["tiny"], random_weights=not spec["tiny"], ckpt=None,
-                              weights_seed=0, mode=spec["mode"].split("-")[0],
-                              low_vram=spec["mode"].endswith("lowvram"))
     start = time.perf_counter()
-    pipe = build_pipeline(args, spec["device"])
+    pipe = build_pipeline(spec["device"], mode=spec["mode"].split("-")[0], tiny=spec["tiny"],
+                          random_weights=not spec["tiny"],
+                          low_vram=spec["mode"].endswith("lowvram"))
     sync()
     record["build_s"] = time.perf_counter() - start
     record["built_s"] = time.time() - spawned

@@ -126,8 +126,8 @@ def make_inputs(config_path, resolution, steps, seed):
 
 def write_random_weights(config_path, path, seed):
     import safetensors.torch
-    from runtime.weights import build_model
-    model = build_model(config_path, random_weights=True, seed=seed)
+    from runtime.app import make_model
+    model = make_model("cpu", config=config_path, random_weights=True, weights_seed=seed)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, path)
 

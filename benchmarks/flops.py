@@ -21,7 +21,7 @@ sys.path.insert(0, REPO)
 
 from benchmarks.bench_pipeline import environment  # noqa: E402
 from runtime.fast import FastOptions, FastRunner, control_forward, unet_decoder, unet_encoder  # noqa: E402
-from runtime.weights import build_model  # noqa: E402
+from runtime.app import make_model  # noqa: E402
 
 
 def count(fn):
@@ -58,7 +58,7 @@ def main():
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if dev == "cuda" else torch.float32
-    model = build_model(os.path.join(REPO, "models", "cldm_v15.yaml"), random_weights=True, device=dev)
+    model = make_model(dev, random_weights=True)
     runner = FastRunner(model, FastOptions(dtype=dtype, kernels=False, cuda_graph=False, two_streams=False,
                                            channels_last=False, precompute=False))
     ceiling = matmul_ceiling(args.matmul_n) if dev == "cuda" else None

@@ -21,9 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cldm.model import create_model  # noqa: E402
 from runtime import memory  # noqa: E402
-from runtime.inputs import CONFIG_FULL  # noqa: E402
+from runtime.app import make_model  # noqa: E402
 
 
 def _status(key):
@@ -57,7 +56,7 @@ def main():
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.no_grad():
-        model = create_model(CONFIG_FULL).eval()
+        model = make_model("cpu", random_weights=True)
     geo = memory.geometry(model)
     print(f"model built in {time.perf_counter() - t0:.0f} s: {geo}", flush=True)
     context = None

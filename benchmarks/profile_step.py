@@ -264,9 +264,9 @@ def main():
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from runtime.fast import FastOptions, FastRunner
-    from runtime.weights import DEFAULT_CONFIG, build_model
+    from runtime.app import make_model
 
-    model = build_model(args.config or DEFAULT_CONFIG, random_weights=True, device="cuda", seed=0)
+    model = make_model("cuda", config=args.config, random_weights=True)
     runner = FastRunner(model, FastOptions())
     results, md = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "cudnn": torch.backends.cudnn.version(), "batch": args.batch, "sizes": {}}, []

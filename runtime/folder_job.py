@@ -4,10 +4,10 @@ recorded, and under torchrun the files are shared among the processes.
     canny2image in/ --outdir out/                                      # one process
     torchrun --standalone --nproc-per-node 4 -m runtime.cli in/ --outdir out/   # four GPUs
 
-* Order, seeds, batches: the files in name order (the CLI's list_inputs); file i gets seeds[i]
-  (--seed for every file, or with -1 a random one per file drawn once at the start). The files are
-  cut into windows of --batch-size consecutive files; within a window the files whose edge maps
-  have one size form one model batch. None of this depends on the number of processes, so every
+* Order, seeds, batches: the files in name order (runtime/app.py's list_inputs); file i gets
+  seeds[i] (--seed for every file, or with -1 a random one per file drawn once at the start).
+  The files are cut into windows of --batch-size consecutive files; within a window the files
+  whose edge maps have one size form one model batch. None of this depends on the number of processes, so every
   PNG (name, seed, pixels) is the one a single-process run writes.
 * Shares: torchrun is recognised by WORLD_SIZE/RANK/LOCAL_RANK in the environment; rank r takes
   windows r, r + W, r + 2W, ... and runs on cuda:LOCAL_RANK (or the CPU).
@@ -49,8 +49,8 @@ MANIFEST = "manifest.json"
 PARTS_PREFIX = ".canny2image-parts-"
 POLL_S = 0.5              # how often rank 0 looks at the other ranks' parts
 MANIFEST_EVERY_S = 2.0    # rank 0 rewrites manifest.json at most this often while working
-SHARED_DIR_WAIT_S = 30.0
-RENDEZVOUS_TIMEOUT_S = 120.0   # --rendezvous-timeout's default  # a network filesystem can take a few seconds to show a new folder
+SHARED_DIR_WAIT_S = 30.0  # a network filesystem can take a few seconds to show a new folder
+RENDEZVOUS_TIMEOUT_S = 120.0   # --rendezvous-timeout's default
 
 
 class JobError(Exception):
@@ -125,7 +125,8 @@ def list_folder(folder, outdir=None):
                             "reason": f"cannot be read ({e.strerror or e})"})
             continue
         if kind is not None:
-            skipped.append({"input": outputs.storable(path), "reason": f"{kind}, not an image file"})
+            skipped.append({"input": outputs.storable(path),
+                            "reason": f"{kind}, not an image file"})
         elif not (same and outputs.read_text(path) is not None):
             files.append(path)
     return list(zip(outputs.stems(files), files)), skipped

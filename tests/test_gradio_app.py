@@ -25,6 +25,8 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 import gradio_canny2image as app  # noqa: E402
 from annotator.util import HWC3, resize_image  # noqa: E402
+import runtime.inputs  # noqa: E402
+from runtime.inputs import CONFIG_FULL, CONFIG_TINY  # noqa: E402
 from runtime.sample import sample_image  # noqa: E402
 
 # Small and quick on the CPU: 256 px short side, 1 DDIM step.
@@ -47,7 +49,7 @@ def launch_tiny(banner=None):
     from runtime.canny2image import Canny2Image
     from runtime.weights import build_model
 
-    model = build_model(app.CONFIG_TINY, random_weights=True, device="cpu", seed=0)
+    model = build_model(CONFIG_TINY, random_weights=True, device="cpu", seed=0)
     demo = app.create_demo(Canny2Image(model, mode="reference"), banner=banner)
     for attempt in range(5):     # another process may take the port between probe and bind
         try:
@@ -306,7 +308,9 @@ def test_out_of_memory_frees_and_recovers(monkeypatch):
 
 @pytest.fixture
 def built(monkeypatch):
-    """build_pipelines with runtime.weights.build_model replaced by a recorder (no model built)."""
+    """build_pipelines (through runtime/app.py) with runtime.weights.build_model replaced by a
+    recorder (no model built)."""
+    import runtime.canny2image
     import runtime.weights
 
     calls = []
@@ -320,7 +324,8 @@ def built(monkeypatch):
         return _Model()
 
     monkeypatch.setattr(runtime.weights, "build_model", build_model)
-    monkeypatch.setattr(app, "Canny2Image", lambda model, mode: _Named(model, mode))
+    monkeypatch.setattr(runtime.canny2image, "Canny2Image",
+                        lambda model, mode, options=None: _Named(model, mode))
 
     def build(*argv):
         pipelines, banner = app.build_pipelines(app.parse_args(["--device", "cpu", *argv]))
@@ -336,9 +341,9 @@ class _Named:
 def test_without_checkpoint_starts_with_random_weights_and_a_banner(built, tmp_path,
                                                                      monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(app, "REPO", str(tmp_path))         # no models/ next to the script either
+    monkeypatch.setattr(runtime.inputs, "REPO", str(tmp_path))   # no models/ beside the package
     call, pipelines, banner = built()
-    assert call == dict(config=app.CONFIG_FULL, ckpt=None, random_weights=True, device="cpu")
+    assert call == dict(config=CONFIG_FULL, ckpt=None, random_weights=True, device="cpu")
     assert pipelines[0].mode == "reference"
     assert "noise" in banner and "./models/control_sd15_canny.pth" in banner
     assert "https://huggingface.co/lllyasviel/ControlNet/tree/main/models" in banner
@@ -356,9 +361,9 @@ def test_checkpoint_in_models_is_found(built, tmp_path, monkeypatch, name):
 
 def test_flags(built, tmp_path):
     call, _, banner = built("--tiny")
-    assert call["config"] == app.CONFIG_TINY and call["random_weights"] and "--tiny" in banner
+    assert call["config"] == CONFIG_TINY and call["random_weights"] and "--tiny" in banner
     call, _, banner = built("--random-weights")
-    assert call["config"] == app.CONFIG_FULL and call["random_weights"] and "noise" in banner
+    assert call["config"] == CONFIG_FULL and call["random_weights"] and "noise" in banner
     call, _, banner = built("--ckpt", str(tmp_path / "my.safetensors"))
     assert call["ckpt"] == str(tmp_path / "my.safetensors") and banner is None
     with pytest.raises(SystemExit, match="needs a GPU"):

@@ -60,11 +60,9 @@ def _launch(demo):
 
 @pytest.fixture(scope="module")
 def url():
-    from runtime.canny2image import Canny2Image
-    from runtime.weights import build_model
+    from runtime.app import build_pipeline
 
-    model = build_model(app.CONFIG_TINY, random_weights=True, device="cpu", seed=0)
-    demo = app.create_demo(Canny2Image(model, mode="reference"))
+    demo = app.create_demo(build_pipeline("cpu", tiny=True, mode="reference"))
     url = _launch(demo)
     try:
         yield url

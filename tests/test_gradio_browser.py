@@ -42,12 +42,10 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def url():
-    from runtime.canny2image import Canny2Image
-    from runtime.weights import build_model
+    from runtime.app import build_pipeline
 
-    model = build_model(app.CONFIG_TINY, random_weights=True, device="cpu", seed=0)
     banner = "Tiny model with random weights (`--tiny`): a smoke test, outputs are noise."
-    demo = app.create_demo(Canny2Image(model, mode="reference"), banner=banner)
+    demo = app.create_demo(build_pipeline("cpu", tiny=True, mode="reference"), banner=banner)
     for attempt in range(5):     # another process may take the port between probe and bind
         try:
             _, local_url, _ = app.launch(demo, server_port=_free_port(),

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from annotator.util import HWC3, resize_image
-from runtime import cli, inputs
+from runtime import app, cli, inputs
 from runtime.canny2image import Canny2Image
 from runtime.errors import InputError, NonFiniteOutputError
 from tests.conftest import TINY_CONFIG
@@ -257,15 +257,15 @@ def test_cli_malicious_protocol4_pickle_named_never_run(files, tmp_path, capfd):
 
 
 def test_cli_nan_output_is_an_error(files, tmp_path, capfd, monkeypatch):
-    build = cli.build_pipeline
+    build = app.build_pipeline
 
-    def poisoned(args, device):
-        pipeline = build(args, device)
+    def poisoned(device, **flags):
+        pipeline = build(device, **flags)
         with torch.no_grad():
             pipeline.model.model.diffusion_model.out[2].weight.fill_(float("nan"))
         return pipeline
 
-    monkeypatch.setattr(cli, "build_pipeline", poisoned)
+    monkeypatch.setattr(app, "build_pipeline", poisoned)
     outdir = tmp_path / "o"
     code, out, err = _cli([files["good.png"], "--tiny", "--quiet", "--image-resolution", "64",
                            "--ddim-steps", "1", "--outdir", str(outdir)], capfd)
@@ -278,7 +278,7 @@ def test_cli_nan_output_is_an_error(files, tmp_path, capfd, monkeypatch):
 
 def _no_build(monkeypatch):
     built = []
-    monkeypatch.setattr(cli, "build_pipeline", lambda *a: built.append(a))
+    monkeypatch.setattr(app, "build_pipeline", lambda *a, **k: built.append(a))
     return built
 
 
@@ -313,7 +313,7 @@ def test_cli_out_of_memory_is_recognised_by_type(files, tmp_path, capfd, monkeyp
         def process(self, *args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(cli, "build_pipeline", lambda *a: Pipeline())
+    monkeypatch.setattr(app, "build_pipeline", lambda *a, **k: Pipeline())
     code, out, err = _cli([files["good.png"], "--tiny", "--quiet", "--outdir", str(tmp_path)],
                           capfd)
     assert code == 1

@@ -151,15 +151,15 @@ def test_low_vram_on_a_gpu_defaults_to_fast_mode(images, capsys, monkeypatch):
     (fast mode keeps its fp16 diffusion networks resident under it); on the CPU: reference."""
     import torch
 
-    from runtime import cli, folder_job
+    from runtime import app, folder_job
     chosen = []
 
-    def build_pipeline(args, device):
-        chosen.append((str(device), args.mode, args.low_vram))
-        raise cli.CliError("stop before the build")
-    monkeypatch.setattr(cli, "build_pipeline", build_pipeline)
+    def build_pipeline(device, mode, low_vram, **flags):
+        chosen.append((str(device), mode, low_vram))
+        raise app.AppError("stop before the build")
+    monkeypatch.setattr(app, "build_pipeline", build_pipeline)
     monkeypatch.setattr(folder_job, "rank_device", lambda device, ranks: device)
-    monkeypatch.setattr(cli, "pick_device", lambda spec: torch.device(
+    monkeypatch.setattr(app, "pick_device", lambda spec: torch.device(
         "cuda:0" if spec == "auto" else spec))
     box = str(images / "box.png")
     for argv in ([box, "--tiny", "--low-vram"], [box, "--tiny"],
