@@ -98,6 +98,10 @@ def test_outdir_same_as_input_folder_never_reads_outputs_as_inputs(tmp_path, cap
     assert manifest["inputs"] == 1 and [r["input"] for r in manifest["files"]] == [str(d / "a.png")]
     assert {f: b for f, b in _files(d).items() if f.endswith(".png")} == {
         f: b for f, b in first.items() if f.endswith(".png")}
+    code, out, err = _run([d, *FLAGS, "--outdir", d, "--overwrite"], capsys)   # redone
+    assert code == 0 and "resuming" not in err and "model ready" in err, err
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["resumed"] == [] and manifest["inputs"] == 1 and manifest["complete"]
 
 
 def test_inputs_sharing_a_stem_keep_their_extension(tmp_path, capsys):
