@@ -365,7 +365,7 @@ def plan_folder(args, out, ranks, say):
 
     def make_plan():
         files, skipped = list_inputs(args.input, args.outdir)
-        return folder_job.prepare(files, skipped, out.settings(args), args.seed)
+        return folder_job.prepare(files, skipped, out.settings(args), args.seed, args.input)
 
     try:
         job_plan, parts = folder_job.start(ranks, args.outdir, make_plan, args.rendezvous_timeout)

@@ -148,6 +148,7 @@ class Plan:
     skipped: list = dataclasses.field(default_factory=list)
     resumed: list = dataclasses.field(default_factory=list)
     total: int = 0
+    folder: str = None      # the input folder's real path (a resume is of the same folder)
 
 
 def _previous(outdir):
@@ -163,27 +164,29 @@ def _previous(outdir):
     return None
 
 
-def prepare(inputs, skipped, settings, seed):
-    """The Plan of a folder job, checked against what `settings.outdir` holds (OutputError, one
-    line naming the files, when it would clobber anything). Inputs whose outputs an earlier run
-    with the same settings wrote completely and recorded in its manifest are carried over,
-    unless settings.overwrite."""
+def prepare(inputs, skipped, settings, seed, folder):
+    """The Plan of a folder job over `inputs` ([(name, path)] of `folder`), checked against what
+    `settings.outdir` holds (OutputError, one line naming the files, when it would clobber
+    anything). Inputs whose outputs an earlier run with the same settings over the same folder
+    wrote completely and recorded in its manifest are carried over, unless settings.overwrite."""
     from runtime import outputs
     outdir = settings.outdir
     previous = _previous(outdir)
-    same_job = previous is not None and previous.get("job") == settings.job
+    real = outputs.storable(os.path.realpath(folder))
+    same_job = (previous is not None and previous.get("job") == settings.job
+                and previous.get("folder") == real)
     done = {}
     if same_job and not settings.overwrite:
         for r in previous.get("files", []):
             if (isinstance(r, dict) and r.get("error") is None and r.get("outputs")
                     and all(_complete(os.path.join(outdir, f)) for f in r["outputs"])):
-                done[r.get("input")] = r
+                done[os.path.basename(str(r.get("input")))] = r
     tasks = plan(inputs, seed)
     count = 1 + settings.params["num_samples"]
-    result = Plan([], skipped=list(skipped), total=len(tasks))
+    result = Plan([], skipped=list(skipped), total=len(tasks), folder=real)
     planned = {}
     for task in tasks:
-        record = done.get(outputs.storable(task.path))
+        record = done.get(os.path.basename(outputs.storable(task.path)))
         if record is not None:
             result.records.append({**record, "index": task.index})
             result.resumed.append(task.path)
@@ -627,7 +630,7 @@ def _write_manifest(settings, ranks, plan, records, complete):
     files = [records[i] for i in sorted(records)]
     manifest = {"inputs": plan.total, "failed": sum(1 for r in files if r["error"]),
                 "complete": complete, "world_size": ranks.world,
-                "batch_size": settings.batch_size, "job": settings.job,
+                "batch_size": settings.batch_size, "job": settings.job, "folder": plan.folder,
                 "settings": {k: outputs.storable(v) if isinstance(v, str) else v
                              for k, v in settings.params.items()},
                 "resumed": [outputs.storable(p) for p in plan.resumed],

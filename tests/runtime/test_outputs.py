@@ -83,7 +83,8 @@ def test_outdir_same_as_input_folder_refuses_to_overwrite_a_users_file(tmp_path,
     assert _files(d) == before
 
 
-def test_outdir_same_as_input_folder_never_reads_outputs_as_inputs(tmp_path, capsys):
+def test_outdir_same_as_input_folder_never_reads_outputs_as_inputs(tmp_path, capsys,
+                                                                   monkeypatch):
     d = tmp_path / "d"
     d.mkdir()
     _image(d / "a.png")
@@ -91,11 +92,13 @@ def test_outdir_same_as_input_folder_never_reads_outputs_as_inputs(tmp_path, cap
     assert code == 0, err
     assert sorted(os.listdir(d)) == ["a.png", "a" + SAMPLE, "a_edges.png", "manifest.json"]
     first = _files(d)
-    code, out, err = _run([d, *FLAGS, "--outdir", d], capsys)          # the same command again
+    monkeypatch.chdir(d)                              # the same command, the folder spelt otherwise
+    code, out, err = _run([".", *FLAGS, "--outdir", d], capsys)
     assert code == 0, err
     assert "resuming: 1 of 1 files already done" in err and "model ready" not in err
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["inputs"] == 1 and [r["input"] for r in manifest["files"]] == [str(d / "a.png")]
+    assert manifest["folder"] == str(d.resolve())
     assert {f: b for f, b in _files(d).items() if f.endswith(".png")} == {
         f: b for f, b in first.items() if f.endswith(".png")}
     code, out, err = _run([d, *FLAGS, "--outdir", d, "--overwrite"], capsys)   # redone
@@ -152,6 +155,18 @@ def test_second_run_with_other_settings_refuses_unless_overwrite(tmp_path, capsy
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["prompt"] == "two" and manifest["resumed"] == []
     assert Image.open(out / ("b" + SAMPLE)).text["prompt"] == "two"
+
+
+def test_same_settings_over_another_folder_is_no_resume(tmp_path, capsys):
+    out = tmp_path / "out"
+    for i, name in enumerate(["d1", "d2"]):
+        (tmp_path / name).mkdir()
+        _image(tmp_path / name / "a.png", seed=i)
+    assert _run([tmp_path / "d1", *FLAGS, "--outdir", out], capsys)[0] == 0
+    before = _files(out)
+    code, _, err = _run([tmp_path / "d2", *FLAGS, "--outdir", out], capsys)
+    assert code == 1 and "3 file(s) exist and would be overwritten" in _last_error(err)
+    assert _files(out) == before
 
 
 def test_single_run_refuses_a_users_file_and_redoes_its_own(tmp_path, capsys):
