@@ -32,6 +32,7 @@ import numpy as np
 
 from runtime import inputs
 from runtime.errors import InputError
+from runtime.outputs import OutdirLock
 from runtime.inputs import (CONFIG_FULL, CONFIG_TINY, DEFAULT_RESOLUTION, DEFAULT_STEPS,
                             check_inputs)
 
@@ -304,40 +305,46 @@ def run(args):
             return   # one input: rank 0 does it
     ckpt = checkpoint(args)
     check_outdir(args.outdir)
-    out = _Output(args, params, random_weights=args.tiny or args.random_weights)
-    if folder:
-        job_plan, parts = plan_folder(args, out, ranks, say)
-        todo = folder_job.share(job_plan.tasks, max(1, args.batch_size), ranks)
-    else:
-        seed = random.randint(0, 65535) if args.seed == -1 else args.seed   # as upstream
-        single = plan_single(out, name, path, seed, args.num_samples, args.overwrite)
-        todo = True
+    lock = OutdirLock(args.outdir) if ranks.rank == 0 else None   # one run writes there
+    try:
+        out = _Output(args, params, random_weights=args.tiny or args.random_weights)
+        if folder:
+            job_plan, parts = plan_folder(args, out, ranks, say)
+            todo = folder_job.share(job_plan.tasks, max(1, args.batch_size), ranks)
+        else:
+            seed = random.randint(0, 65535) if args.seed == -1 else args.seed   # as upstream
+            single = plan_single(out, name, path, seed, args.num_samples, args.overwrite)
+            todo = True
 
-    if cpu_choices:
-        say(f"no accelerator, so a shorter CPU run: {' and '.join(cpu_choices)}; pass the flags "
-            f"to choose")
-    pipeline = None     # nothing to do on this rank: all done before, or the others' files
-    if todo:
-        kind = "tiny model" if args.tiny else "full-size model"
-        say(f"building the {kind} ({shown(ckpt or 'random weights')}) on {device}, {args.mode} "
-            f"mode ...")
-        start = time.perf_counter()
-        pipeline = build_pipeline(device, mode=args.mode, tiny=args.tiny, ckpt=ckpt,
-                                  random_weights=args.random_weights,
-                                  weights_seed=args.weights_seed, low_vram=args.low_vram)
-        say(f"model ready in {time.perf_counter() - start:.1f} s")
+        if cpu_choices:
+            say(f"no accelerator, so a shorter CPU run: {' and '.join(cpu_choices)}; pass the "
+                f"flags to choose")
+        pipeline = None     # nothing to do on this rank: all done before, or the others' files
+        if todo:
+            kind = "tiny model" if args.tiny else "full-size model"
+            say(f"building the {kind} ({shown(ckpt or 'random weights')}) on {device}, "
+                f"{args.mode} mode ...")
+            start = time.perf_counter()
+            pipeline = build_pipeline(device, mode=args.mode, tiny=args.tiny, ckpt=ckpt,
+                                      random_weights=args.random_weights,
+                                      weights_seed=args.weights_seed, low_vram=args.low_vram)
+            say(f"model ready in {time.perf_counter() - start:.1f} s")
 
-    if folder:
-        written, failed = run_folder(args, pipeline, out, job_plan, parts, ranks, say)
-        if ranks.rank != 0:
-            return
-    else:
-        written, failed = run_single(args, pipeline, out, single, image, say), None
-    note = " (RANDOM WEIGHTS: the images are noise)" if out.tag else ""
-    print(f"canny2image: wrote {len(written)} PNGs to {shown(os.path.abspath(args.outdir))}: "
-          f"{listing(written, args.outdir)}{note}", flush=True)
-    if failed:
-        raise AppError(failed)
+        if folder:
+            written, failed = run_folder(args, pipeline, out, job_plan, parts, ranks, say)
+            if ranks.rank != 0:
+                return
+        else:
+            written, failed = run_single(args, pipeline, out, single, image, say), None
+        note = " (RANDOM WEIGHTS: the images are noise)" if out.tag else ""
+        print(f"canny2image: wrote {len(written)} PNGs to "
+              f"{shown(os.path.abspath(args.outdir))}: {listing(written, args.outdir)}{note}",
+              flush=True)
+        if failed:
+            raise AppError(failed)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def plan_single(out, name, path, seed, num_samples, overwrite):

@@ -7,8 +7,8 @@ recorded, and under torchrun the files are shared among the processes.
 * Order, seeds, batches: the files in name order (runtime/app.py's list_inputs); file i gets
   seeds[i] (--seed for every file, or with -1 a random one per file drawn once at the start).
   The files are cut into windows of --batch-size consecutive files; within a window the files
-  whose edge maps have one size form one model batch. None of this depends on the number of processes, so every
-  PNG (name, seed, pixels) is the one a single-process run writes.
+  whose edge maps have one size form one model batch. None of this depends on the number of
+  processes, so every PNG (name, seed, pixels) is the one a single-process run writes.
 * Shares: torchrun is recognised by WORLD_SIZE/RANK/LOCAL_RANK in the environment; rank r takes
   windows r, r + W, r + 2W, ... and runs on cuda:LOCAL_RANK (or the CPU).
 * Files: only regular files (or links to them) are inputs; FIFOs, devices, sockets, folders and

@@ -15,11 +15,15 @@ user's file, written atomically, with safe names; and names made safe for a term
   first is renamed, so an error (disk full, a name too long) or an interrupt leaves none of them,
   only the files as they were. Temporaries are removed on any exception, KeyboardInterrupt and
   Terminated (SIGTERM, see handle_sigterm) included.
+* One run at a time (OutdirLock): a run holds an flock on `--outdir`/.canny2image.lock while it
+  plans and writes; a second run into the same folder is refused at once, naming the first.
 * Text: names and prompts that are not valid UTF-8 (surrogate-escaped bytes, as Python decodes
   such file names and arguments) are stored in the manifest and PNG text chunks as `\\xHH`
   (storable) and shown on a terminal with control characters escaped too (shown).
 """
 import errno
+import fcntl
+import logging
 import os
 import signal
 import unicodedata
@@ -27,6 +31,8 @@ import uuid
 
 SOFTWARE = "controlnet-fast canny2image"   # the PNG text chunk "Software" of every output
 TEMP_PREFIX = ".canny2image-tmp-"
+LOCK = ".canny2image.lock"
+logger = logging.getLogger(__name__)
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -310,3 +316,35 @@ def _alive(pid):
     except OSError:
         return True
     return True
+
+
+class OutdirLock:
+    """An exclusive flock on `folder`/.canny2image.lock, held until release() (or the process
+    ends): OutputError naming the other run when one holds it. Where the filesystem has no
+    locks the run goes on unlocked, with a warning."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, LOCK)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(self.fd, 200).decode("utf-8", "replace").strip() or "?"
+            os.close(self.fd)
+            raise OutputError(f"--outdir {shown(folder)}: another canny2image run ({other}) is "
+                              f"writing there; wait for it to end, or choose another --outdir")
+        except OSError as e:       # ENOLCK, EOPNOTSUPP: e.g. some network filesystems
+            logger.warning("--outdir %s: cannot lock it (%s); make sure no other run writes "
+                           "there", shown(folder), e.strerror or e)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None

@@ -169,6 +169,22 @@ def test_same_settings_over_another_folder_is_no_resume(tmp_path, capsys):
     assert _files(out) == before
 
 
+def test_a_second_run_into_the_same_outdir_at_once_is_refused(many, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = _cli(str(many), *FLAGS, "--ddim-steps", "12", "--outdir", str(out))
+    try:
+        deadline = time.monotonic() + 240
+        while not _recorded(out):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        code, _, err = _run([many / "f0.png", *FLAGS, "--outdir", out, "--overwrite"], capsys)
+        line = _last_error(err)
+        assert code == 1 and f"another canny2image run (pid {first.pid} on " in line, line
+    finally:
+        first.kill()
+        first.communicate()
+
+
 def test_single_run_refuses_a_users_file_and_redoes_its_own(tmp_path, capsys):
     image, out = tmp_path / "p.png", tmp_path / "out"
     _image(image)
