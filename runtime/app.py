@@ -15,12 +15,15 @@ the benchmarks get their device, model and pipeline here, and read and write ima
   random weights, upstream's save_memory switch (runtime/lowvram.py, set before the build), then
   Canny2Image with its mode and fast-mode options. find_checkpoint: where the default checkpoint
   (cldm.model.DEFAULT_CHECKPOINT, or the same name as .safetensors) is, if anywhere.
-* read_image (runtime.inputs', the one reader), write_png (with text chunks).
+* read_image (runtime.inputs', the one reader), write_png (with text chunks, atomic:
+  runtime/outputs.py).
 * run(args): the command's job from its parsed flags (runtime/cli.py): one image or a folder
-  (runtime/folder_job.py), PNGs out.
+  (runtime/folder_job.py), PNGs out, every output planned and checked before the model build
+  (runtime/outputs.py: never an input, never shared, an existing file only with --overwrite).
 A failure a user can fix is an AppError with a one-line message.
 """
 import os
+import random
 import sys
 import tempfile
 import time
@@ -29,10 +32,10 @@ import numpy as np
 
 from runtime import inputs
 from runtime.errors import InputError
+from runtime.outputs import OutdirLock
 from runtime.inputs import (CONFIG_FULL, CONFIG_TINY, DEFAULT_RESOLUTION, DEFAULT_STEPS,
                             check_inputs)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Full-size model, fp32, torch's 2 CPU threads, sample image (256x320 px), measured in CPU time
 # (process_time, robust to other jobs on the machine): model build with random weights 11 s, one
 # DDIM step (two model calls) 19.5 s, VAE decode 13 s. The whole default command
@@ -149,34 +152,33 @@ def build_pipeline(device, *, mode=None, options=None, **model_flags):
 
 # --- image files -------------------------------------------------------------------------------
 
-def list_inputs(path):
-    """[(name, path)] for a file or every image in a folder (sorted)."""
+def list_inputs(path, outdir=None):
+    """([(name, path)], skipped) for a file or the image files of a folder (sorted; see
+    folder_job.list_folder: only regular files, not this command's outputs in `outdir`)."""
+    from runtime import folder_job, outputs
     if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise AppError(f"{path}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
-        paths = [os.path.join(path, f) for f in files]
-    elif os.path.isfile(path):
-        paths = [path]
-    else:
-        try:
-            kind = inputs.special_file(path)
-        except OSError:
-            kind = None
-        raise AppError(f"{path}: {kind}, not an image file" if kind
-                       else f"{path}: no such file or folder")
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    names = [s if stems.count(s) == 1 else os.path.basename(p).replace(".", "_")
-             for s, p in zip(stems, paths)]
-    return list(zip(names, paths))
+        files, skipped = folder_job.list_folder(path, outdir)
+        if not files and not skipped:
+            raise AppError(f"{outputs.shown(path)}: no images in this folder "
+                           f"({', '.join(folder_job.IMAGE_EXTENSIONS)})")
+        return files, skipped
+    if os.path.isfile(path):
+        return [(outputs.stems([path])[0], path)], []
+    try:
+        kind = inputs.special_file(path)
+    except OSError:
+        kind = None
+    raise AppError(f"{outputs.shown(path)}: {kind}, not an image file" if kind
+                   else f"{outputs.shown(path)}: no such file or folder")
 
 
 def read_image(path):
     """runtime.inputs.read_image (the one image reader: uint8 RGB), its errors as AppError."""
+    from runtime.outputs import shown
     try:
         return inputs.read_image(path)
     except InputError as e:
-        raise AppError(f"{path}: {e}") from None
+        raise AppError(f"{shown(path)}: {e}") from None
 
 
 def check_outdir(path):
@@ -189,12 +191,10 @@ def check_outdir(path):
 
 
 def write_png(path, image, text):
-    """A uint8 HxWx3 image as a PNG with `text` ({key: value}) as its text chunks."""
-    from PIL import Image, PngImagePlugin
-    info = PngImagePlugin.PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)
-    Image.fromarray(image).save(path, pnginfo=info)
+    """A uint8 HxWx3 image as a PNG with `text` ({key: value}) as its text chunks, written
+    atomically (runtime/outputs.py; OutputError naming the file)."""
+    from runtime import outputs
+    outputs.write_file(path, outputs.png_writer(image, text))
 
 
 # --- the command's job -------------------------------------------------------------------------
@@ -207,6 +207,9 @@ def settings(args, device):
     resolution, steps, choices = cpu_defaults(device, args.image_resolution, args.ddim_steps)
     if args.batch_size < 1:
         raise AppError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not args.rendezvous_timeout > 0:
+        raise AppError(f"--rendezvous-timeout must be a positive number of seconds, got "
+                       f"{args.rendezvous_timeout}")
     if not args.wait_timeout > 0:
         raise AppError(f"--wait-timeout must be a positive number of seconds, got "
                        f"{args.wait_timeout}")
@@ -237,24 +240,39 @@ def checkpoint(args):
 
 
 class _Output:
-    """Where and how a run's PNGs are written: folder, name tag, text chunks."""
+    """Where and how a run's PNGs are written: folder, name tag, text chunks, and the settings
+    that make the images (`job`: a folder run with other ones is no resume)."""
 
     def __init__(self, args, params, random_weights):
+        from runtime.outputs import storable
         self.outdir, self.mode, self.params = args.outdir, args.mode, params
+        self.model = "tiny" if args.tiny else "full"
         self.weights = (f"random (seed {args.weights_seed}): images are noise, not results"
                         if random_weights else f"checkpoint {args.ckpt or 'default'}")
         self.tag = "_random-weights" if random_weights else ""
+        self.job = {k: storable(v) for k, v in self.text(None, args.seed).items()
+                    if k not in ("source", "Software")}
 
     def text(self, source, seed):
-        return {"Software": "controlnet-fast canny2image", "weights": self.weights,
+        from runtime.outputs import SOFTWARE
+        return {"Software": SOFTWARE, "weights": self.weights,
                 "source": source or "built-in sample", "seed": str(seed), "mode": self.mode,
-                **{k: str(v) for k, v in self.params.items()}}
+                "model": self.model, **{k: str(v) for k, v in self.params.items()}}
+
+    def settings(self, args):
+        from runtime import folder_job
+        return folder_job.Settings(outdir=self.outdir, params=self.params,
+                                   batch_size=args.batch_size, tag=self.tag, text=self.text,
+                                   quiet=args.quiet, wait_timeout=args.wait_timeout,
+                                   job=self.job, overwrite=args.overwrite)
 
 
 def run(args):
     """The `canny2image` command's job (runtime/cli.py's flags): every check that can come before
-    the model build, the build, then one image or a folder. AppError for what a user can fix."""
+    the model build (the inputs, the checkpoint, the output plan), the build, then one image or
+    a folder. AppError for what a user can fix."""
     from runtime import folder_job
+    from runtime.outputs import listing, shown
     from runtime.sample import SAMPLE_NAME, sample_image
 
     try:
@@ -277,88 +295,134 @@ def run(args):
         except InputError as e:
             raise AppError(str(e)) from None
     else:
-        name, path = (SAMPLE_NAME, None) if args.input is None else list_inputs(args.input)[0]
+        name, path = (SAMPLE_NAME, None) if args.input is None else list_inputs(args.input)[0][0]
         image = sample_image() if path is None else read_image(path)
         try:
             check_inputs(image, seed=args.seed, **params)
         except InputError as e:
-            raise AppError(f"{path or 'sample image'}: {e}") from None
+            raise AppError(f"{shown(path or 'sample image')}: {e}") from None
         if ranks.rank != 0:
             return   # one input: rank 0 does it
     ckpt = checkpoint(args)
     check_outdir(args.outdir)
-    if folder:
-        try:
-            tasks, parts = folder_job.start(
-                ranks, args.outdir, lambda: folder_job.plan(list_inputs(args.input), args.seed))
-        except folder_job.JobError as e:
-            raise AppError(str(e)) from None
-        if ranks.world > 1:
-            say(f"{len(tasks)} files on {ranks.world} processes")
-        if args.batch_size > 1 and args.eta != 0:
-            say(f"--batch-size {args.batch_size} needs --eta 0 (per-step noise would differ "
-                f"from one image at a time): running one image at a time")
-
-    if cpu_choices:
-        say(f"no accelerator, so a shorter CPU run: {' and '.join(cpu_choices)}; pass the flags "
-            f"to choose")
-    kind = "tiny model" if args.tiny else "full-size model"
-    say(f"building the {kind} ({ckpt or 'random weights'}) on {device}, {args.mode} mode ...")
-    start = time.perf_counter()
-    pipeline = build_pipeline(device, mode=args.mode, tiny=args.tiny, ckpt=ckpt,
-                              random_weights=args.random_weights,
-                              weights_seed=args.weights_seed, low_vram=args.low_vram)
-    random_weights = bool(getattr(pipeline.model, "random_weights", False))
-    say(f"model ready in {time.perf_counter() - start:.1f} s")
-    out = _Output(args, params, random_weights)
-
-    if folder:
-        written, failed = run_folder(args, pipeline, out, tasks, parts, ranks, say)
-        if ranks.rank != 0:
-            return
-    else:
-        written, failed = run_single(args, pipeline, out, name, path, image, say), None
-    note = " (RANDOM WEIGHTS: the images are noise)" if random_weights else ""
-    shown = ", ".join(os.path.basename(f) for f in written[:4]) + (
-        f", ... ({len(written)} files)" if len(written) > 4 else "")
-    print(f"canny2image: wrote {len(written)} PNGs to {os.path.abspath(args.outdir)}: "
-          f"{shown}{note}", flush=True)
-    if failed:
-        raise AppError(failed)
-
-
-def run_single(args, pipeline, out, name, path, image, say):
-    """One image (a file, or the sample when `path` is None): its PNGs' paths."""
-    from runtime import folder_job
-
-    t0 = time.perf_counter()
-    bar = None if args.quiet else _progress_bar(name)
+    lock = OutdirLock(args.outdir) if ranks.rank == 0 else None   # one run writes there
     try:
-        results = pipeline.process(image, seed=args.seed, progress=bar, **out.params)
+        out = _Output(args, params, random_weights=args.tiny or args.random_weights)
+        if folder:
+            job_plan, parts = plan_folder(args, out, ranks, say)
+            todo = folder_job.share(job_plan.tasks, max(1, args.batch_size), ranks)
+        else:
+            seed = random.randint(0, 65535) if args.seed == -1 else args.seed   # as upstream
+            single = plan_single(out, name, path, seed, args.num_samples, args.overwrite)
+            todo = True
+
+        if cpu_choices:
+            say(f"no accelerator, so a shorter CPU run: {' and '.join(cpu_choices)}; pass the "
+                f"flags to choose")
+        pipeline = None     # nothing to do on this rank: all done before, or the others' files
+        if todo:
+            kind = "tiny model" if args.tiny else "full-size model"
+            say(f"building the {kind} ({shown(ckpt or 'random weights')}) on {device}, "
+                f"{args.mode} mode ...")
+            start = time.perf_counter()
+            pipeline = build_pipeline(device, mode=args.mode, tiny=args.tiny, ckpt=ckpt,
+                                      random_weights=args.random_weights,
+                                      weights_seed=args.weights_seed, low_vram=args.low_vram)
+            say(f"model ready in {time.perf_counter() - start:.1f} s")
+
+        if folder:
+            written, failed = run_folder(args, pipeline, out, job_plan, parts, ranks, say)
+            if ranks.rank != 0:
+                return
+        else:
+            written, failed = run_single(args, pipeline, out, single, image, say), None
+        note = " (RANDOM WEIGHTS: the images are noise)" if out.tag else ""
+        print(f"canny2image: wrote {len(written)} PNGs to "
+              f"{shown(os.path.abspath(args.outdir))}: {listing(written, args.outdir)}{note}",
+              flush=True)
+        if failed:
+            raise AppError(failed)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def plan_single(out, name, path, seed, num_samples, overwrite):
+    """(task, PNG paths, text) of one image, checked against what --outdir holds (AppError naming
+    the files it would clobber; this command's own files from the same input and settings may
+    be written again)."""
+    from runtime import folder_job, outputs
+    task = folder_job.Task(0, name, path, seed)
+    written = [os.path.join(out.outdir, f)
+               for f in folder_job.output_names(task, 1 + num_samples, out.tag)]
+    text = out.text(path, seed)
+    try:
+        outputs.check_plan({f: path for f in written}, [path], out.outdir, overwrite=overwrite,
+                           ours=lambda f: outputs.same_origin(f, text))
+    except outputs.OutputError as e:
+        raise AppError(str(e)) from None
+    return task, written, text
+
+
+def plan_folder(args, out, ranks, say):
+    """(folder_job.Plan, parts folder) of a folder run, checked against what --outdir holds
+    (folder_job.prepare; rank 0 plans, under torchrun for every rank); says what is skipped."""
+    from runtime import folder_job, outputs
+    from runtime.outputs import shown
+
+    def make_plan():
+        files, skipped = list_inputs(args.input, args.outdir)
+        return folder_job.prepare(files, skipped, out.settings(args), args.seed, args.input)
+
+    try:
+        job_plan, parts = folder_job.start(ranks, args.outdir, make_plan, args.rendezvous_timeout)
+    except (folder_job.JobError, outputs.OutputError) as e:
+        raise AppError(str(e)) from None
+    if ranks.world == 1:
+        outputs.remove_stale_temporaries(args.outdir)
+    for skip in job_plan.skipped:
+        say(f"skipped {shown(skip['input'])}: {shown(skip['reason'])}")
+    if job_plan.resumed:
+        say(f"resuming: {len(job_plan.resumed)} of {job_plan.total} files already done by an "
+            f"earlier run with these settings (recorded in "
+            f"{shown(os.path.join(args.outdir, folder_job.MANIFEST))}), not redone: "
+            f"{outputs.listing(job_plan.resumed, args.input)}; pass --overwrite to redo them")
+    if ranks.world > 1:
+        say(f"{len(job_plan.tasks)} files on {ranks.world} processes")
+    if args.batch_size > 1 and args.eta != 0:
+        say(f"--batch-size {args.batch_size} needs --eta 0 (per-step noise would differ "
+            f"from one image at a time): running one image at a time")
+    return job_plan, parts
+
+
+def run_single(args, pipeline, out, single, image, say):
+    """One image (a file, or the sample when its path is None), planned by plan_single: its
+    PNGs' paths."""
+    from runtime import folder_job
+    from runtime.outputs import shown
+
+    task, written, text = single
+    t0 = time.perf_counter()
+    bar = None if args.quiet else _progress_bar(shown(task.name))
+    try:
+        results = pipeline.process(image, seed=task.seed, progress=bar, **out.params)
     finally:
         if bar is not None:
             bar.close()
-    seed = pipeline.last_seed
-    task = folder_job.Task(0, name, path, seed)
-    written = [os.path.join(out.outdir, f)
-               for f in folder_job.output_names(task, len(results), out.tag)]
-    for file, result in zip(written, results):
-        write_png(file, result, out.text(path, seed))
+    folder_job.write_outputs([(f, result, text) for f, result in zip(written, results)])
     h, w = results[0].shape[:2]
-    say(f"{path or 'sample image'}: {w}x{h}, seed {seed}, {time.perf_counter() - t0:.1f} s")
+    say(f"{shown(task.path or 'sample image')}: {w}x{h}, seed {task.seed}, "
+        f"{time.perf_counter() - t0:.1f} s")
     return written
 
 
-def run_folder(args, pipeline, out, tasks, parts, ranks, say):
+def run_folder(args, pipeline, out, job_plan, parts, ranks, say):
     """This process's share of a folder job: (PNG paths, failure line or None) on rank 0,
     (None, None) on the others."""
     from runtime import folder_job
 
-    job = folder_job.Settings(outdir=out.outdir, params=out.params, batch_size=args.batch_size,
-                              tag=out.tag, text=out.text, quiet=args.quiet,
-                              wait_timeout=args.wait_timeout)
-    records = folder_job.run(tasks, parts, pipeline, job, ranks, read=read_image,
-                             write=write_png, expected=(AppError, InputError), say=say)
+    records = folder_job.run(job_plan, parts, pipeline, out.settings(args), ranks,
+                             read=read_image, expected=(AppError, InputError), say=say)
     if ranks.rank != 0:
         return None, None
     written = [os.path.join(out.outdir, f) for r in records for f in r["outputs"]]

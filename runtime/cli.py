@@ -16,18 +16,26 @@ Choices made here (upstream has no CLI):
   nothing too large is ever decoded.
 * Random weights are said in every file name (`_random-weights`), in the PNG text chunk
   "weights" and in the final line: such images are noise, not results.
+* Outputs are planned before the model is built and never replace a file unless --overwrite
+  (never an input), are written atomically, and a folder run resumes (runtime/outputs.py,
+  runtime/app.py, runtime/folder_job.py). With --seed -1 the seed is drawn before the run, as
+  upstream's randint(0, 65535), so that the file names are known. SIGTERM ends the run like
+  Ctrl-C (exit 143).
 Every error ends in one line on stderr and a non-zero exit status, without a traceback. A folder
 run goes on past a bad file and ends non-zero after the others (runtime/folder_job.py).
 """
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from cldm.model import DEFAULT_CHECKPOINT
 from runtime import app
 from runtime.app import CPU_RESOLUTION, CPU_STEPS, AppError
 from runtime.errors import InputError, NonFiniteOutputError
+from runtime.folder_job import RENDEZVOUS_TIMEOUT_S
 from runtime.inputs import (A_PROMPT, DEFAULT_ETA, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD,
                             DEFAULT_RESOLUTION, DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH,
                             MODES, N_PROMPT)
@@ -116,23 +124,38 @@ def parse_args(argv):
     p.add_argument("--wait-timeout", type=float, default=1800.0,
                    help="under torchrun: how long rank 0 waits without news from any other rank "
                         "before it gives up on them (seconds, default %(default)g)")
+    p.add_argument("--rendezvous-timeout", type=float, default=RENDEZVOUS_TIMEOUT_S,
+                   help="under torchrun: how long the ranks wait for each other at the start "
+                        "(seconds, default %(default)g)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files in --outdir (else a run that would replace a "
+                        "file refuses, naming it) and redo the files an interrupted folder run "
+                        "with the same settings finished (else they are skipped)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
+    from runtime.outputs import OutputError, Terminated, handle_sigterm, shown
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="canny2image: %(message)s")
+    previous = (handle_sigterm() if threading.current_thread() is threading.main_thread()
+                else None)
     try:
         app.run(args)
-    except (AppError, InputError, NonFiniteOutputError) as e:
-        print(f"canny2image: error: {e}", file=sys.stderr)
+    except (AppError, InputError, NonFiniteOutputError, OutputError) as e:
+        print(f"canny2image: error: {shown(e)}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("canny2image: terminated (SIGTERM); finished files are complete, run the same "
+              "command again to go on", file=sys.stderr)
+        return 143
     except MemoryError:
         print("canny2image: error: out of memory: try a lower --image-resolution or fewer "
               "--num-samples", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("canny2image: interrupted", file=sys.stderr)
+        print("canny2image: interrupted; finished files are complete, run the same command "
+              "again to go on", file=sys.stderr)
         return 130
     except Exception as e:   # keep the promise of one line; details with CANNY2IMAGE_DEBUG=1
         if os.environ.get("CANNY2IMAGE_DEBUG"):
@@ -141,9 +164,12 @@ def main(argv=None):
             print("canny2image: error: out of device memory: try a lower --image-resolution or "
                   "fewer --num-samples", file=sys.stderr)
         else:
-            print(f"canny2image: error: {type(e).__name__}: {e} (set CANNY2IMAGE_DEBUG=1 for the "
-                  f"traceback)", file=sys.stderr)
+            print(f"canny2image: error: {type(e).__name__}: {shown(e)} (set CANNY2IMAGE_DEBUG=1 "
+                  f"for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -4,20 +4,31 @@ recorded, and under torchrun the files are shared among the processes.
     canny2image in/ --outdir out/                                      # one process
     torchrun --standalone --nproc-per-node 4 -m runtime.cli in/ --outdir out/   # four GPUs
 
-* Order, seeds, batches: the files in name order (runtime/app.py's list_inputs); file i gets seeds[i]
-  (--seed for every file, or with -1 a random one per file drawn once at the start). The files are
-  cut into windows of --batch-size consecutive files; within a window the files whose edge maps
-  have one size form one model batch. None of this depends on the number of processes, so every
-  PNG (name, seed, pixels) is the one a single-process run writes.
+* Order, seeds, batches: the files in name order (runtime/app.py's list_inputs); file i gets
+  seeds[i] (--seed for every file, or with -1 a random one per file drawn once at the start).
+  The files are cut into windows of --batch-size consecutive files; within a window the files
+  whose edge maps have one size form one model batch. None of this depends on the number of
+  processes, so every PNG (name, seed, pixels) is the one a single-process run writes.
 * Shares: torchrun is recognised by WORLD_SIZE/RANK/LOCAL_RANK in the environment; rank r takes
   windows r, r + W, r + 2W, ... and runs on cuda:LOCAL_RANK (or the CPU).
-* Nothing waits on a failed rank: the only collective is one gloo broadcast at the start, before
-  anyone has worked (rank 0's file list, seeds and run id). Afterwards ranks only append one line
-  per file to their part of the manifest (out/.canny2image-parts-<id>/rank<r>.jsonl) and an end
-  line when done. Rank 0 reads the parts for its progress bar and the per-file lines, waits for
-  every end line (giving up after --wait-timeout seconds without news from anyone), writes
-  out/manifest.json; the CLI then exits non-zero if any file failed. The other ranks return normally
-  after their share, so that torchrun does not stop rank 0 before it has merged.
+* Files: only regular files (or links to them) are inputs; FIFOs, devices, sockets, folders and
+  link loops are skipped unopened and listed in the manifest's "skipped". With --outdir the
+  input folder, this command's own PNGs there are not inputs. Every output is planned and checked
+  before any work (runtime/outputs.py: never an input, never shared, an existing file only with
+  --overwrite) and written atomically, all of an input's files or none.
+* Resume: the manifest records the job's settings ("job") and is rewritten as files finish (at
+  most every MANIFEST_EVERY_S s, and on SIGINT/SIGTERM/a full disk). A run with the same settings
+  skips the inputs the manifest records as done with their files present, and says so;
+  --overwrite redoes them; other settings refuse, naming the files they would replace.
+* Start: under torchrun every rank checks in at the job's key-value store (torchrun's, or one
+  rank 0 serves at MASTER_ADDR:MASTER_PORT); rank 0 waits --rendezvous-timeout seconds at most,
+  naming the ranks that never came, then sends its plan (file list, seeds, parts folder) through
+  the store. That is the only time ranks wait on each other: afterwards ranks only append one
+  line per file to their part of the manifest (out/.canny2image-parts-<id>/rank<r>.jsonl) and an
+  end line when done. Rank 0 reads the parts for its progress bar and the per-file lines, waits
+  for every end line (giving up after --wait-timeout seconds without news from anyone), writes
+  out/manifest.json; the CLI then exits non-zero if any file failed. The other ranks return
+  normally after their share, so that torchrun does not stop rank 0 before it has merged.
 """
 import dataclasses
 import json
@@ -29,12 +40,17 @@ import sys
 import time
 import uuid
 
+from runtime.outputs import OutputError
+
 logger = logging.getLogger(__name__)
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MANIFEST = "manifest.json"
 PARTS_PREFIX = ".canny2image-parts-"
 POLL_S = 0.5              # how often rank 0 looks at the other ranks' parts
+MANIFEST_EVERY_S = 2.0    # rank 0 rewrites manifest.json at most this often while working
 SHARED_DIR_WAIT_S = 30.0  # a network filesystem can take a few seconds to show a new folder
+RENDEZVOUS_TIMEOUT_S = 120.0   # --rendezvous-timeout's default
 
 
 class JobError(Exception):
@@ -84,15 +100,127 @@ def rank_device(device, ranks):
 @dataclasses.dataclass
 class Task:
     index: int
-    name: str      # output file stem (unique in the folder)
+    name: str      # output file stem (unique in the folder: runtime/outputs.py's rule)
     path: str
     seed: int
+
+
+def list_folder(folder, outdir=None):
+    """([(name, path)], skipped) for the image files of `folder`, in name order. Only regular
+    files (or links to them) are inputs: FIFOs, devices, sockets, folders and symbolic link loops
+    are never opened and come back in `skipped` as {"input", "reason"}. When `outdir` is `folder`,
+    the PNGs this command wrote there (its text chunks say so) are outputs, not inputs."""
+    from ldm.util import special_file
+    from runtime import outputs
+    same = outdir is not None and os.path.realpath(folder) == os.path.realpath(outdir)
+    files, skipped = [], []
+    for name in sorted(os.listdir(folder)):
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            kind = special_file(path)
+        except OSError as e:
+            skipped.append({"input": outputs.storable(path),
+                            "reason": f"cannot be read ({e.strerror or e})"})
+            continue
+        if kind is not None:
+            skipped.append({"input": outputs.storable(path),
+                            "reason": f"{kind}, not an image file"})
+        elif not (same and outputs.read_text(path) is not None):
+            files.append(path)
+    return list(zip(outputs.stems(files), files)), skipped
 
 
 def plan(inputs, seed):
     """[Task] for [(name, path)] in order: --seed for every file, or a random one each for -1."""
     seeds = ([random.randint(0, 65535) for _ in inputs] if seed == -1 else [seed] * len(inputs))
     return [Task(i, name, path, s) for i, ((name, path), s) in enumerate(zip(inputs, seeds))]
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a folder job does: `tasks` to run; `records` already made (inputs done by an earlier
+    run of the same job, names too long); `skipped` (not regular files); `resumed` (input
+    paths carried over from the earlier run)."""
+    tasks: list
+    records: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+    resumed: list = dataclasses.field(default_factory=list)
+    total: int = 0
+    folder: str = None      # the input folder's real path (a resume is of the same folder)
+
+
+def _previous(outdir):
+    """The manifest of an earlier job in `outdir` (a dict), or None."""
+    path = os.path.join(outdir, MANIFEST)
+    if _complete(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            return manifest if isinstance(manifest, dict) else None
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def prepare(inputs, skipped, settings, seed, folder):
+    """The Plan of a folder job over `inputs` ([(name, path)] of `folder`), checked against what
+    `settings.outdir` holds (OutputError, one line naming the files, when it would clobber
+    anything). Inputs whose outputs an earlier run with the same settings over the same folder
+    wrote completely and recorded in its manifest are carried over, unless settings.overwrite."""
+    from runtime import outputs
+    outdir = settings.outdir
+    previous = _previous(outdir)
+    real = outputs.storable(os.path.realpath(folder))
+    same_job = (previous is not None and previous.get("job") == settings.job
+                and previous.get("folder") == real)
+    done = {}
+    if same_job and not settings.overwrite:
+        for r in previous.get("files", []):
+            if (isinstance(r, dict) and r.get("error") is None and r.get("outputs")
+                    and all(_complete(os.path.join(outdir, f)) for f in r["outputs"])):
+                done[os.path.basename(str(r.get("input")))] = r
+    tasks = plan(inputs, seed)
+    count = 1 + settings.params["num_samples"]
+    result = Plan([], skipped=list(skipped), total=len(tasks), folder=real)
+    planned = {}
+    for task in tasks:
+        record = done.get(os.path.basename(outputs.storable(task.path)))
+        if record is not None:
+            result.records.append({**record, "index": task.index})
+            result.resumed.append(task.path)
+            continue
+        names = output_names(task, count, settings.tag)
+        reason = next(filter(None, (outputs.too_long(n, outdir) for n in names)), None)
+        if reason:
+            result.records.append(_record(task, 0, error=reason))
+            continue
+        for name in names:
+            planned[os.path.join(outdir, name)] = task.path
+        result.tasks.append(task)
+    texts = {}
+
+    def ours(path):
+        if os.path.basename(path) == MANIFEST:
+            return same_job
+        source = planned.get(path)
+        if source not in texts:
+            texts[source] = settings.text(source, seed)
+        return same_job and outputs.same_origin(path, texts[source])
+
+    planned[os.path.join(outdir, MANIFEST)] = None
+    outputs.check_plan(planned, [p for _, p in inputs], outdir, overwrite=settings.overwrite,
+                       ours=ours)
+    return result
+
+
+def _complete(path):
+    from ldm.util import special_file
+    try:
+        return special_file(path) is None
+    except OSError:
+        return False
 
 
 def windows(tasks, size):
@@ -114,6 +242,8 @@ class Settings:
     text: object = None     # text(source, seed) -> the PNG text chunks
     quiet: bool = False
     wait_timeout: float = 1800.0
+    job: dict = None        # what makes the images (a restart with other values is no resume)
+    overwrite: bool = False
 
 
 def output_names(task, count, tag):
@@ -123,8 +253,10 @@ def output_names(task, count, tag):
 
 
 def _record(task, rank, outputs=(), seconds=0.0, error=None):
-    return {"index": task.index, "input": task.path, "outputs": list(outputs), "seed": task.seed,
-            "rank": rank, "seconds": round(seconds, 3), "error": error}
+    from runtime.outputs import storable
+    return {"index": task.index, "input": storable(task.path), "outputs": list(outputs),
+            "seed": task.seed, "rank": rank, "seconds": round(seconds, 3),
+            "error": None if error is None else storable(error)}
 
 
 def _reason(e, expected, path=None):
@@ -200,15 +332,22 @@ class _Worker:
         seconds = (time.perf_counter() - t0 + read_s) / len(batch)
         for task, images in zip(tasks, results):
             names = output_names(task, len(images), self.s.tag)
+            text = self.s.text(task.path, task.seed)
             try:
-                for name, image in zip(names, images):
-                    self.write(os.path.join(self.s.outdir, name), image,
-                               self.s.text(task.path, task.seed))
-            except OSError as e:
-                yield _record(task, self.ranks.rank, seconds=seconds,
-                              error=f"cannot write {name} ({e.strerror or e})")
+                self.write([(os.path.join(self.s.outdir, name), image, text)
+                            for name, image in zip(names, images)])
+            except OutputError as e:
+                yield _record(task, self.ranks.rank, seconds=seconds, error=str(e))
+                if e.fatal:      # a full disk: every next file would fail after its work
+                    raise
                 continue
             yield _record(task, self.ranks.rank, names, seconds)
+
+
+def write_outputs(items):
+    """[(path, image, text)] as PNGs, all or nothing (runtime/outputs.py's write_set)."""
+    from runtime import outputs
+    outputs.write_set([(path, outputs.png_writer(image, text)) for path, image, text in items])
 
 
 def _free_device_memory():
@@ -251,13 +390,15 @@ class _Part:
 
 
 class _Reporter:
-    """Rank 0: one progress bar over all files, one line per file, the merged records."""
+    """Rank 0: one progress bar over all files, one line per file, the merged records, and
+    manifest.json rewritten as records come (at most every MANIFEST_EVERY_S seconds)."""
 
-    def __init__(self, total, settings, parts, say):
+    def __init__(self, total, settings, parts, say, save):
         self.records = {}
         self.parts = parts
         self.say = say
-        self.last_poll = 0.0
+        self.save = save
+        self.last_poll = self.last_save = 0.0
         self.last_news = time.monotonic()
         self.bar = None
         if not settings.quiet:
@@ -265,16 +406,20 @@ class _Reporter:
             self.bar = tqdm(total=total, desc="canny2image", unit="file", file=sys.stderr)
 
     def add(self, record):
+        from runtime.outputs import shown
         self.records[record["index"]] = record
         self.last_news = time.monotonic()
         where = f" (rank {record['rank']})" if self.parts else ""
         if record["error"]:
-            self._line(f"FAILED {record['input']}{where}: {record['error']}")
+            self._line(f"FAILED {shown(record['input'])}{where}: {shown(record['error'])}")
         else:
-            self._line(f"{record['input']}: seed {record['seed']}, {record['seconds']:.1f} s"
-                       f"{where}")
+            self._line(f"{shown(record['input'])}: seed {record['seed']}, "
+                       f"{record['seconds']:.1f} s{where}")
         if self.bar is not None:
             self.bar.update(1)
+        if time.monotonic() - self.last_save >= MANIFEST_EVERY_S:
+            self.save(self.records, complete=False)
+            self.last_save = time.monotonic()
 
     def _line(self, msg):
         if self.bar is not None:
@@ -312,33 +457,91 @@ class _Reporter:
             self.bar.close()
 
 
-def start(ranks, outdir, make_tasks):
-    """(tasks, parts folder or None). Under torchrun: rank 0 makes the tasks and the parts folder
-    and sends both to every rank in the job's only collective (nobody has worked yet, so nothing
-    can be waiting on a failed rank); an error on rank 0 reaches every rank as JobError."""
-    if ranks.world == 1:
-        return make_tasks(), None
+def _store(ranks, timeout):
+    """The torchrun job's key-value store (torchrun's own, or one rank 0 serves), under a prefix
+    of this run: JobError in one line when it cannot be reached within `timeout` s."""
     import datetime
 
-    import torch.distributed as dist
-    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
+    from torch.distributed import PrefixStore, TCPStore
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if not addr or not port.isdigit():
+        raise JobError("MASTER_ADDR and MASTER_PORT must be set (torchrun sets them)")
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     try:
-        message, failure = [None], None
-        if ranks.rank == 0:
+        store = TCPStore(addr, int(port), None, ranks.rank == 0 and not agent,
+                         datetime.timedelta(seconds=timeout), wait_for_workers=False)
+    except Exception as e:   # DistStoreError, RuntimeError: a timeout or a refused connection
+        raise JobError(f"rank {ranks.rank} on {socket.gethostname()} cannot reach the job's "
+                       f"store at {addr}:{port} within --rendezvous-timeout {timeout:g} s "
+                       f"({_first_line(e)})") from None
+    run = (os.environ.get("TORCHELASTIC_RUN_ID", "run"),
+           os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return PrefixStore("canny2image/{}/{}/".format(*run), store)
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _wait_keys(store, keys, timeout):
+    """The keys of `keys` still missing after `timeout` s (polling)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [k for k in keys if not store.check([k])]
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.1)
+
+
+def start(ranks, outdir, make_plan, rendezvous_timeout=RENDEZVOUS_TIMEOUT_S):
+    """(Plan, parts folder or None). Under torchrun: every rank says it has come; rank 0 waits
+    for all of them (JobError naming the ranks that never came after `rendezvous_timeout` s),
+    makes the plan and the parts folder and sends both to every rank through the job's store
+    (nobody has worked yet, so nothing can be waiting on a failed rank); an error on rank 0
+    reaches every rank as JobError. The other ranks get the tasks only."""
+    if ranks.world == 1:
+        return make_plan(), None
+    store = _store(ranks, rendezvous_timeout)
+    store.set(f"came/{ranks.rank}", socket.gethostname())
+    if ranks.rank == 0:
+        missing = _wait_keys(store, [f"came/{r}" for r in range(1, ranks.world)],
+                             rendezvous_timeout)
+        failure, plan = None, None
+        if missing:
+            late = ", ".join(k.split("/")[1] for k in missing)
+            failure = JobError(f"rank(s) {late} of {ranks.world} never came within "
+                               f"--rendezvous-timeout {rendezvous_timeout:g} s: start the same "
+                               f"command on every machine (torchrun --nnodes, --nproc-per-node)")
+            message = {"error": str(failure)}
+        else:
             try:
-                tasks = make_tasks()
+                plan = make_plan()
                 parts = os.path.join(outdir, PARTS_PREFIX + uuid.uuid4().hex[:12])
                 os.makedirs(parts)
-                message = [{"tasks": [dataclasses.asdict(t) for t in tasks], "parts": parts}]
+                message = {"tasks": [dataclasses.asdict(t) for t in plan.tasks], "parts": parts}
             except Exception as e:   # every rank stops with rank 0's one line
                 failure = e
-                message = [{"error": str(e)}]
-        dist.broadcast_object_list(message, src=0)
-    finally:
-        dist.destroy_process_group()
-    msg = message[0]
-    if failure is not None:
-        raise failure
+                message = {"error": str(e)}
+        store.set("plan", json.dumps(message))
+        # keep serving the store until every rank that came has read the plan
+        came = [r for r in range(1, ranks.world) if f"came/{r}" not in missing]
+        _wait_keys(store, [f"got/{r}" for r in came], rendezvous_timeout)
+        if failure is not None:
+            raise failure
+        return plan, parts
+    if _wait_keys(store, ["came/0"], rendezvous_timeout):
+        raise JobError(f"rank 0 never came within --rendezvous-timeout {rendezvous_timeout:g} s")
+    try:
+        while not store.check(["plan"]):     # rank 0 is listing and checking the files
+            time.sleep(0.1)
+        msg = json.loads(store.get("plan"))
+        store.set(f"got/{ranks.rank}", "1")
+    except Exception as e:
+        if isinstance(e, JobError):
+            raise
+        raise JobError(f"rank {ranks.rank}: lost the job's store before rank 0 sent the plan "
+                       f"({_first_line(e)})") from None
     if "error" in msg:
         raise JobError(msg["error"])
     parts = msg["parts"]
@@ -349,71 +552,91 @@ def start(ranks, outdir, make_tasks):
                            f"files in --outdir {outdir}: with several machines --outdir must be "
                            f"a folder they share (NFS, ...)")
         time.sleep(POLL_S)
-    return [Task(**t) for t in msg["tasks"]], parts
+    return Plan([Task(**t) for t in msg["tasks"]]), parts
 
 
-def run(tasks, parts_dir, pipeline, settings, ranks, *, read, write, expected, say):
-    """Process this rank's share of `tasks`. Rank 0 merges the manifest; returns the records
-    (rank 0, every file in order) or [] (other ranks)."""
+def run(plan, parts_dir, pipeline, settings, ranks, *, read, expected, say,
+        write=write_outputs):
+    """Process this rank's share of `plan.tasks`. Rank 0 merges the manifest (rewritten as
+    records come, and on an interrupt); returns the records (rank 0, every file in order) or []
+    (other ranks)."""
+    tasks = plan.tasks
     size = max(1, settings.batch_size)
     mine = share(tasks, size, ranks)
     if ranks.rank != 0:
         part = _Part(parts_dir, ranks.rank)
         try:
-            for record in _Worker(pipeline, settings, ranks, read, write, expected, None).run(mine):
+            for record in _Worker(pipeline, settings, ranks, read, write, expected,
+                                  None).run(mine):
                 part.append(record)
         finally:   # also after an unexpected error: rank 0 then stops waiting for this rank
             part.append({"end": True, "rank": ranks.rank})
         return []
 
     others = [_Part(parts_dir, r) for r in range(1, ranks.world)]
-    reporter = _Reporter(len(tasks), settings, others, say)
-    tick = reporter.step
+    done_before = {r["index"]: r for r in plan.records}
+
+    def save(records, complete):
+        _write_manifest(settings, ranks, plan, {**done_before, **records}, complete)
+
+    reporter = _Reporter(len(tasks), settings, others, say, save)
+    complete = False
     try:
-        for record in _Worker(pipeline, settings, ranks, read, write, expected, tick).run(mine):
+        save({}, complete=False)
+        for record in _Worker(pipeline, settings, ranks, read, write, expected,
+                              reporter.step).run(mine):
             reporter.add(record)
             reporter.poll()
         complete = reporter.wait(settings.wait_timeout) if others else True
-    finally:
+    except BaseException:           # an interrupt, a full disk: what is done stays recorded
         reporter.close()
+        try:
+            save(reporter.records, complete=False)
+        except Exception as e:
+            logger.warning("%s", e)
+        raise
+    reporter.close()
     records = reporter.records
-    if not complete:
-        late = sorted({r for r, p in enumerate(others, 1) if not p.ended})
-        for task in tasks:
-            if task.index not in records:
-                records[task.index] = _record(
-                    task, None, error=f"no result from rank(s) {late} within --wait-timeout "
-                                      f"{settings.wait_timeout:g} s")
-    records = [records[t.index] for t in tasks]
-    _write_manifest(settings, ranks, records)
+    late = sorted({r for r, p in enumerate(others, 1) if not p.ended})
+    for task in tasks:
+        if task.index not in records:
+            records[task.index] = _record(
+                task, None, error=(f"no result from rank(s) {late} within --wait-timeout "
+                                   f"{settings.wait_timeout:g} s" if late else
+                                   "its rank stopped before this file (see its error)"))
+    records = {**done_before, **records}
+    save(records, complete=True)
     if parts_dir is not None and complete:
         for p in others:
             _remove(p.path)
         _remove(parts_dir, folder=True)
-    return records
+    return [records[i] for i in sorted(records)]
 
 
 def failure_message(records, outdir):
     """One line naming the failed files, or None."""
+    from runtime.outputs import shown
     failed = [r for r in records if r["error"]]
     if not failed:
         return None
     return (f"{len(failed)} of {len(records)} files failed (each named above and in "
-            f"{os.path.join(outdir, MANIFEST)}): "
-            + ", ".join(os.path.basename(r["input"]) for r in failed[:5])
+            f"{shown(os.path.join(outdir, MANIFEST))}): "
+            + ", ".join(shown(os.path.basename(r["input"])) for r in failed[:5])
             + (", ..." if len(failed) > 5 else ""))
 
 
-def _write_manifest(settings, ranks, records):
-    manifest = {"inputs": len(records), "failed": sum(1 for r in records if r["error"]),
-                "world_size": ranks.world, "batch_size": settings.batch_size,
-                "settings": settings.params, "files": records}
-    path = os.path.join(settings.outdir, MANIFEST)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_manifest(settings, ranks, plan, records, complete):
+    from runtime import outputs
+    files = [records[i] for i in sorted(records)]
+    manifest = {"inputs": plan.total, "failed": sum(1 for r in files if r["error"]),
+                "complete": complete, "world_size": ranks.world,
+                "batch_size": settings.batch_size, "job": settings.job, "folder": plan.folder,
+                "settings": {k: outputs.storable(v) if isinstance(v, str) else v
+                             for k, v in settings.params.items()},
+                "resumed": [outputs.storable(p) for p in plan.resumed],
+                "skipped": plan.skipped, "files": files}
+    data = (json.dumps(manifest, indent=1) + "\n").encode("utf-8")
+    outputs.write_file(os.path.join(settings.outdir, MANIFEST), lambda f: f.write(data))
 
 
 def _remove(path, folder=False):

@@ -233,10 +233,10 @@ def test_rank0_does_not_hang_on_a_silent_rank_and_records_its_files(tmp_path, mo
     settings = folder_job.Settings(outdir=str(tmp_path), params={"image_resolution": 64, "eta": 0},
                                    text=lambda source, seed: {}, quiet=True, wait_timeout=0.2)
     written = []
-    records = folder_job.run(tasks, str(parts), _StubPipeline(), settings,
-                             folder_job.Ranks(0, 2, 0),
+    records = folder_job.run(folder_job.Plan(tasks, total=4), str(parts), _StubPipeline(),
+                             settings, folder_job.Ranks(0, 2, 0),
                              read=lambda path: np.zeros((64, 64, 3), np.uint8),
-                             write=lambda path, image, text: written.append(path),
+                             write=lambda items: written.extend(p for p, _, _ in items),
                              expected=(), say=lambda msg: None)
     assert [r["error"] is None for r in records] == [True, False, True, False]
     assert all("no result from rank(s) [1]" in r["error"] for r in records[1::2])
@@ -259,9 +259,9 @@ def test_a_failed_batch_runs_its_files_one_at_a_time(tmp_path):
     settings = folder_job.Settings(outdir=str(tmp_path), params={"image_resolution": 64, "eta": 0},
                                    batch_size=3, text=lambda source, seed: {}, quiet=True)
     written = []
-    records = folder_job.run(tasks, None, _OomBatches(), settings, folder_job.Ranks(),
-                             read=lambda path: np.zeros((64, 64, 3), np.uint8),
-                             write=lambda path, image, text: written.append(path),
+    records = folder_job.run(folder_job.Plan(tasks, total=3), None, _OomBatches(), settings,
+                             folder_job.Ranks(), read=lambda path: np.zeros((64, 64, 3), np.uint8),
+                             write=lambda items: written.extend(p for p, _, _ in items),
                              expected=(), say=lambda msg: None)
     assert [r["error"] for r in records] == [None, records[1]["error"], None]
     assert records[1]["error"].startswith("out of memory")
