@@ -49,10 +49,16 @@ def _is_ip(name):
 class WebGuard:
     """ASGI middleware: see the module docstring."""
 
-    def __init__(self, app, hosts=(), any_ip=False, max_body=None, max_files=None, check=None):
+    BODY_CHECK_MAX = 1_000_000
+
+    def __init__(self, app, hosts=(), any_ip=False, max_body=None, max_files=None, check=None,
+                 body_check=None, body_paths=()):
         """`check(scope)`, if given, runs last: (status, message) to refuse the request, or
-        None (e.g. the demo's 404 for ids and API names the app does not know)."""
+        None (e.g. the demo's 404 for ids and API names the app does not know).
+        `body_check(scope, body)` does the same with the body of a POST to one of `body_paths`
+        (bodies up to BODY_CHECK_MAX bytes; the app then reads the same body)."""
         self.app, self.check = app, check
+        self.body_check, self.body_paths = body_check, set(body_paths)
         self.hosts = {h for h in (host_name(x) for x in (*LOCAL_HOSTS, *hosts)) if h}
         self.any_ip = any_ip
         self.max_body, self.max_files = max_body, max_files
@@ -109,7 +115,28 @@ class WebGuard:
             return await _respond(send, *refused)
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
+        if (self.body_check is not None and scope["method"] == "POST"
+                and scope["path"] in self.body_paths):
+            receive, refused = await self._read_body(scope, receive)
+            if refused is not None:
+                return await _respond(send, *refused)
         await self._bounded(scope, receive, send, headers)
+
+    async def _read_body(self, scope, receive):
+        """(a receive that gives the app the same body, body_check's refusal or None)."""
+        messages, body, more = [], b"", True
+        while more and len(body) <= self.BODY_CHECK_MAX:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        refused = None if more else self.body_check(scope, body)
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+        return replay, refused
 
     async def _bounded(self, scope, receive, send, headers):
         """Pass the request on, counting its body; past a bound, the app sees the client leave
@@ -206,16 +233,17 @@ async def _respond(send, status, message):
     await send({"type": "http.response.body", "body": body})
 
 
-def install(check=None, **guard_kwargs):
+def install(check=None, body_check=None, **guard_kwargs):
     """A FastAPI lifespan (for gr.Blocks.launch(app_kwargs={"lifespan": ...})) that puts a
     WebGuard(**guard_kwargs) in front of the app's whole middleware stack, with `check(app,
-    scope)` as its last check. The lifespan runs once the stack is built and before the server
+    scope)` and `body_check(app, scope, body)` as its last checks. The lifespan runs once the stack is built and before the server
     accepts its first request."""
     @asynccontextmanager
     async def lifespan(app):
         if not isinstance(app.middleware_stack, WebGuard):
             app.middleware_stack = WebGuard(
                 app.middleware_stack, check=None if check is None else (
-                    lambda scope: check(app, scope)), **guard_kwargs)
+                    lambda scope: check(app, scope)), body_check=None if body_check is None else (
+                    lambda scope, body: body_check(app, scope, body)), **guard_kwargs)
         yield
     return lifespan

@@ -221,3 +221,11 @@ def test_host_names():
 
 def test_allowed_hosts_flag():
     assert app.parse_args(["--allowed-hosts", "a.lan, b.lan"]).allowed_hosts == "a.lan, b.lan"
+
+
+def test_unknown_event_handler_number_is_404(url, capfd):
+    body = {"data": [], "fn_index": 99, "session_hash": "abc", "event_data": None,
+            "trigger_id": None}
+    r = httpx.post(url + "gradio_api/queue/join", json=body)
+    _one_line_refusal(r, 404)
+    assert "99" in r.text and "Traceback" not in capfd.readouterr().err
