@@ -87,7 +87,7 @@ def _stopped_early_then_next_runs(url, pipeline, png, max_steps):
     assert len(result) == 2 and time.monotonic() - start < 30
 
 
-def test_cancel_through_gradio_client(served):
+def test_cancel_through_gradio_client(served, capfd):
     url, pipeline, png = served
     _reset(pipeline)
     job = Client(url, verbose=False).submit(handle_file(png), *(LONG[k] for k in ORDER),
@@ -95,9 +95,10 @@ def test_cancel_through_gradio_client(served):
     pipeline.wait(lambda: len(pipeline.steps) >= 2, timeout=60)
     job.cancel()
     _stopped_early_then_next_runs(url, pipeline, png, max_steps=10)
+    assert "Traceback" not in capfd.readouterr().err
 
 
-def test_closed_event_stream_stops_the_run(served):
+def test_closed_event_stream_stops_the_run(served, capfd):
     url, pipeline, png = served
     _reset(pipeline)
     with open(png, "rb") as f:
@@ -111,6 +112,7 @@ def test_closed_event_stream_stops_the_run(served):
         pipeline.wait(lambda: len(pipeline.steps) >= 2, timeout=60)
     # the stream is closed: the client has left
     _stopped_early_then_next_runs(url, pipeline, png, max_steps=10)
+    assert "Traceback" not in capfd.readouterr().err
 
 
 # --- the process: signals, ports -----------------------------------------------------------------

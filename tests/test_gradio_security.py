@@ -195,7 +195,7 @@ def test_unknown_api_name_is_404(url, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_wrong_number_of_values_is_one_line(url, png):
+def test_wrong_number_of_values_is_one_line(url, png, capfd):
     from conftest import gradio_result
     uploaded = httpx.post(url + "gradio_api/upload", files={"files": ("a.png", png)}).json()[0]
     for data in ([None, "a"], _call_body(uploaded)["data"][:3], _call_body(uploaded)["data"] + [1]):
@@ -207,6 +207,7 @@ def test_wrong_number_of_values_is_one_line(url, png):
         assert message.startswith("This API takes 14 values (Image, Prompt,")
         assert message.endswith(f"got {len(data)}.") and "\n" not in message
         assert "object at 0x" not in message and uploaded not in message
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_host_names():
