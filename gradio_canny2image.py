@@ -720,8 +720,9 @@ def clean_on_exit(folder):
     def stop(signum, frame):
         log.info("%s: stopping; removing %s", signal.Signals(signum).name, folder)
         raise SystemExit(0)           # unwinds launch(); atexit removes the folder
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stop)
+    for name in ("SIGTERM", "SIGHUP"):           # no SIGHUP on Windows
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
 
 
 def main(argv=None):
