@@ -14,7 +14,7 @@ the inverted edge map followed by the samples. Differences, each on purpose:
 * uploads are limited to MAX_UPLOAD_BYTES, and Gradio's cache is cleaned (DELETE_CACHE); from
   the command line it is a folder of this process, removed at exit, SIGTERM and SIGHUP;
 * runtime/web_guard.py in front of every route: foreign Host (DNS rebinding) and Origin get 403,
-  bounds per request (413/411), unknown API names, handler numbers, event/session ids 404;
+  bounds per request (413/411), unknown API names, handler/component numbers, ids: 404;
 * a cancelled request, or one whose client closed its event stream, stops at the next DDIM step.
 
 Run `python gradio_canny2image.py --help` for the flags.
@@ -529,8 +529,10 @@ def launch(demo, server_name="127.0.0.1", server_port=7860, allowed_hosts=(), sh
                               max_body=MAX_REQUEST_BYTES, max_files=MAX_REQUEST_FILES,
                               check=lambda app, scope: unknown_route(app.get_blocks(), scope),
                               body_check=lambda app, scope, body: unknown_handler(
-                                  app.get_blocks(), body),
-                              body_paths=["/gradio_api/queue/join"])
+                                  app.get_blocks(), scope, body),
+                              body_paths=["/gradio_api/queue/join",
+                                          "/gradio_api/component_server",
+                                          "/gradio_api/component_server/"])
     return demo.launch(server_name=server_name, server_port=server_port, share=share,
                        max_file_size=MAX_UPLOAD_BYTES, app_kwargs={"lifespan": guard},
                        ssr_mode=False, num_workers=0, **kwargs)
@@ -569,15 +571,20 @@ def unknown_route(blocks, scope):
     return None
 
 
-def unknown_handler(blocks, body):
-    """(404, one line) for a /queue/join body naming an event handler (fn_index) that `blocks`
-    does not have (Gradio: KeyError, a 500 and a traceback); None otherwise (Gradio answers)."""
+def unknown_handler(blocks, scope, body):
+    """(404, one line) for a JSON body naming an event handler (/queue/join's fn_index) or a
+    component (/component_server's component_id) that `blocks` does not have (Gradio: KeyError, a
+    500 and a traceback); None otherwise (Gradio answers)."""
     try:
-        fn_index = json.loads(body).get("fn_index")
-    except (ValueError, AttributeError):
+        body = json.loads(body)
+    except ValueError:
         return None
-    if isinstance(fn_index, int) and not isinstance(fn_index, bool) and fn_index not in blocks.fns:
-        return 404, f"No event handler number {fn_index} (see /?view=api for the API)"
+    join = scope["path"].endswith("/queue/join")
+    key, known = ("fn_index", blocks.fns) if join else ("component_id", blocks.blocks)
+    number = body.get(key) if isinstance(body, dict) else None
+    if isinstance(number, int) and not isinstance(number, bool) and number not in known:
+        what = "event handler" if join else "component"
+        return 404, f"No {what} number {number} (see /?view=api for the API)"
     return None
 
 

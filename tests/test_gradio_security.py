@@ -224,9 +224,14 @@ def test_allowed_hosts_flag():
     assert app.parse_args(["--allowed-hosts", "a.lan, b.lan"]).allowed_hosts == "a.lan, b.lan"
 
 
-def test_unknown_event_handler_number_is_404(url, capfd):
+def test_unknown_event_handler_and_component_numbers_are_404(url, capfd):
     body = {"data": [], "fn_index": 99, "session_hash": "abc", "event_data": None,
             "trigger_id": None}
     r = httpx.post(url + "gradio_api/queue/join", json=body)
     _one_line_refusal(r, 404)
-    assert "99" in r.text and "Traceback" not in capfd.readouterr().err
+    assert "event handler number 99" in r.text
+    r = httpx.post(url + "gradio_api/component_server", json={
+        "data": 1, "component_id": 999, "session_hash": "abc", "fn_name": "x"})
+    _one_line_refusal(r, 404)
+    assert "component number 999" in r.text
+    assert "Traceback" not in capfd.readouterr().err
