@@ -235,3 +235,28 @@ def test_unknown_event_handler_and_component_numbers_are_404(url, capfd):
     _one_line_refusal(r, 404)
     assert "component number 999" in r.text
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("listen", [False, True])
+def test_allowed_hosts_and_listen_end_to_end(listen):
+    """launch(allowed_hosts=...) serves those names too; bound to all addresses, any IP address
+    (which no DNS rebinding can fake) but still no other name."""
+    from test_gradio_app import _free_port
+
+    class Stub:
+        def process(self, input_image, *args, **kwargs):
+            return [input_image]
+
+    demo = app.create_demo(Stub())
+    _, url, _ = app.launch(demo, server_name="0.0.0.0" if listen else "127.0.0.1",
+                           server_port=_free_port(), allowed_hosts=["demo.lan"],
+                           prevent_thread_lock=True, quiet=True)
+    port = _port(url)
+    local = f"http://127.0.0.1:{port}/config"
+    try:
+        assert httpx.get(local, headers={"Host": f"demo.lan:{port}"}).status_code == 200
+        assert httpx.get(local, headers={"Host": f"other.lan:{port}"}).status_code == 403
+        ip = httpx.get(local, headers={"Host": f"192.168.1.20:{port}"}).status_code
+        assert ip == (200 if listen else 403)
+    finally:
+        demo.close()

@@ -46,6 +46,26 @@ def test_cancel_stops_at_the_next_step(model, image):
         np.testing.assert_array_equal(a, b)
 
 
+def test_cancel_in_fast_mode_leaves_the_runner_usable(image):
+    """Fast mode (on the CPU here): stopped after step 1; the next call gives the same images
+    as the call before the cancelled one."""
+    from runtime.fast import FastOptions
+
+    model = build_model(TINY_CONFIG, random_weights=True, device="cpu", seed=0)
+    pipe = Canny2Image(model, mode="fast", options=FastOptions.for_device("cpu"))
+    try:
+        before = pipe.process(image, **ARGS, seed=1)
+        cancel, steps = threading.Event(), []
+        with pytest.raises(Cancelled, match="after DDIM step 1 of 3"):
+            pipe.process(image, **ARGS, seed=1, cancel=cancel,
+                         progress=lambda done, total: (steps.append(done), cancel.set()))
+        assert steps == [1]
+        for a, b in zip(before, pipe.process(image, **ARGS, seed=1)):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        pipe.close()
+
+
 def test_cancel_set_before_the_start_runs_no_step(model, image):
     cancel, steps = threading.Event(), []
     cancel.set()
