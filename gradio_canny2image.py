@@ -11,7 +11,11 @@ the inverted edge map followed by the samples. Differences, each on purpose:
   sent through the API, server paths or URLs named as the image) gets a short message instead of
   a traceback, and the server keeps serving; the rules are runtime/inputs.py's (the CLI's and
   the API's too), the image size is checked on the header before decoding;
-* uploads are limited to MAX_UPLOAD_BYTES, and Gradio's cache is cleaned (DELETE_CACHE).
+* uploads are limited to MAX_UPLOAD_BYTES, and Gradio's cache is cleaned (DELETE_CACHE); from
+  the command line it is a folder of this process, removed at exit, SIGTERM and SIGHUP;
+* runtime/web_guard.py in front of every route: foreign Host (DNS rebinding) and Origin get 403,
+  bounds per request (413/411), unknown API names, handler/component numbers, ids: 404;
+* a cancelled request, or one whose client closed its event stream, stops at the next DDIM step.
 
 Run `python gradio_canny2image.py --help` for the flags.
 """
@@ -21,15 +25,24 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import atexit  # noqa: E402
+import errno  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import queue  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections import OrderedDict  # noqa: E402
+from urllib.parse import parse_qs  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 
@@ -42,8 +55,8 @@ from gradio.exceptions import InvalidPathError  # noqa: E402
 from gradio_client.utils import is_http_url_like  # noqa: E402
 
 from cldm.model import DEFAULT_CHECKPOINT, CheckpointError  # noqa: E402
-from runtime import app  # noqa: E402
-from runtime.errors import InputError, NonFiniteOutputError  # noqa: E402
+from runtime import app, web_guard  # noqa: E402
+from runtime.errors import Cancelled, InputError, NonFiniteOutputError  # noqa: E402
 from runtime.inputs import (  # noqa: E402
     A_PROMPT, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, DEFAULT_RESOLUTION, DEFAULT_SCALE,
     DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_UPLOAD_BYTES, MODES, N_PROMPT, check_inputs, pil_to_array,
@@ -65,12 +78,9 @@ UPLOAD_ONLY = ("The image must be a file uploaded to this demo (the page does it
 
 
 class _PipelinePool:
-    """One pipeline per queue worker, so no two requests ever share a model at the same time.
-
-    Caveat with several GPUs: the pipeline seeds process-global RNGs (as upstream's
-    seed_everything does), so two requests running at once can shift each other's noise; each
-    image is still valid, but a seed then does not reproduce it exactly.
-    """
+    """One pipeline per queue worker, so no two requests ever share a model at the same time
+    (Canny2Image would make them wait on its model's lock). The seeded noise does not depend on
+    what runs at the same time on other GPUs (runtime/seed.py's RNG_LOCK)."""
 
     def __init__(self, pipelines):
         self.size = len(pipelines)
@@ -128,11 +138,16 @@ class CheckedBlocks(gr.Blocks):
     for a slider, null, a list, a server path as the image), before Gradio's own processing turns
     them into a traceback in the server log and {"error": null} for the caller."""
 
+    def validate_inputs(self, block_fn, inputs):
+        """One line for a wrong number of values (Gradio's lists object reprs and the values,
+        server paths included, and lets extra values pass)."""
+        if len(inputs) != len(block_fn.inputs):
+            names = ", ".join(b.label or type(b).__name__ for b in block_fn.inputs)
+            raise _error(f"This API takes {len(block_fn.inputs)} values ({names}), got "
+                         f"{len(inputs)}.")
+
     async def preprocess_data(self, block_fn, inputs, *args, **kwargs):
-        try:
-            self.validate_inputs(block_fn, inputs)
-        except ValueError as e:                   # wrong number of values
-            raise _error(str(e).split(". ")[0] + ".") from None
+        self.validate_inputs(block_fn, inputs)
         for block, value in zip(block_fn.inputs, inputs):
             _check_payload(block, value)
         try:
@@ -224,14 +239,63 @@ def _device_of(pipeline):
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
+# How often a running request looks whether its client is still there (closed event stream).
+CLIENT_POLL_SECONDS = 0.25
+
+
+def _client_gone():
+    """True once Gradio has given up this request's event (its client closed the event stream).
+    Gradio 6 only marks the event (Event.alive, which Progress's lookup uses too); a plain
+    function would run on to the end."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    if blocks is None or event_id is None:
+        return False
+    for job in blocks._queue.active_jobs:
+        for event in job or ():
+            if event._id == event_id:
+                return not event.alive
+    return False
+
+
+def _retrieve(future):
+    if not future.cancelled():
+        future.exception()          # an abandoned run's error: no "never retrieved" log
+
+
 def make_process(pipelines):
-    """The function the Run button calls: the 14 UI inputs → gallery images, or a gr.Error."""
+    """The function the Run button calls: the 14 UI inputs → gallery images, or a gr.Error.
+
+    It is a coroutine that runs the work in a thread: when Gradio cancels the request (the Stop
+    button, /cancel) or its client closes the event stream, it sets the run's cancel event, and
+    the pipeline stops at its next DDIM step and goes back to the pool."""
     pool = _PipelinePool(pipelines)
     infos = RequestInfos()
 
-    def process(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
-                ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold, high_threshold,
-                progress=gr.Progress(), request: gr.Request = None):
+    async def process(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
+                      ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold,
+                      high_threshold, progress=gr.Progress(), request: gr.Request = None):
+        cancel = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(
+            run, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
+            ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold, high_threshold,
+            progress, request, cancel))
+        work.add_done_callback(_retrieve)
+        try:
+            while not work.done():
+                await asyncio.wait({work}, timeout=CLIENT_POLL_SECONDS)
+                if not work.done() and not cancel.is_set() and _client_gone():
+                    log.info("the client left: stopping its request at the next step")
+                    cancel.set()
+            return work.result()
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def run(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
+            guess_mode, strength, scale, seed, eta, low_threshold, high_threshold, progress,
+            request, cancel):
         start = time.perf_counter()
         try:
             checked = check_inputs(image_to_array(input_image), prompt, a_prompt, n_prompt,
@@ -251,12 +315,15 @@ def make_process(pipelines):
             device = _device_of(pipeline)
             with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
                 progress((0, args["ddim_steps"]), desc="DDIM sampling", unit="steps")
-                images = pipeline.process(img, progress=on_step, **args)
+                images = pipeline.process(img, progress=on_step, cancel=cancel, **args)
             paths = save_results(images)
             infos.put(request, describe_request(pipeline, images, time.perf_counter() - start))
             return paths
         except gr.Error:
             raise
+        except Cancelled as e:
+            log.info("request %s", e)
+            raise _error("The request was cancelled.") from None
         except OUT_OF_MEMORY:
             log.warning("out of GPU memory (%d images at %d px)", args["num_samples"],
                         args["image_resolution"])
@@ -443,11 +510,80 @@ def create_demo(pipeline, banner=None):
     return demo
 
 
-def launch(demo, server_name="127.0.0.1", server_port=7860, **kwargs):
-    """demo.launch with the upload limit (runtime/inputs.py's MAX_UPLOAD_BYTES, fitted to the
-    pixel limit); returns what launch returns."""
-    return demo.launch(server_name=server_name, server_port=server_port,
-                       max_file_size=MAX_UPLOAD_BYTES, **kwargs)
+# One upload request: one image at the upload limit plus the multipart framing; files per request.
+MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + 1_000_000
+MAX_REQUEST_FILES = 4
+
+
+def launch(demo, server_name="127.0.0.1", server_port=7860, allowed_hosts=(), share=False,
+           **kwargs):
+    """demo.launch behind runtime/web_guard.py (Host and Origin checks for 127.0.0.1, localhost,
+    [::1], the bind address and `allowed_hosts`; any IP address when bound to all of them; bounds
+    per request) and with the upload limit (runtime/inputs.py's MAX_UPLOAD_BYTES, fitted to the
+    pixel limit); returns what launch returns. Server-side rendering and static workers stay off:
+    they would answer from outside the guard."""
+    hosts = [*allowed_hosts, server_name] + ([".gradio.live"] if share else [])
+    guard = web_guard.install(hosts=hosts, any_ip=server_name in web_guard.ANY_ADDRESS,
+                              max_body=MAX_REQUEST_BYTES, max_files=MAX_REQUEST_FILES,
+                              check=lambda app, scope: unknown_route(app.get_blocks(), scope),
+                              body_check=lambda app, scope, body: unknown_handler(
+                                  app.get_blocks(), scope, body),
+                              body_paths=["/gradio_api/queue/join",
+                                          "/gradio_api/component_server",
+                                          "/gradio_api/component_server/"])
+    return demo.launch(server_name=server_name, server_port=server_port, share=share,
+                       max_file_size=MAX_UPLOAD_BYTES, app_kwargs={"lifespan": guard},
+                       ssr_mode=False, num_workers=0, **kwargs)
+
+
+def unknown_route(blocks, scope):
+    """(404, one line) for an API name, event id or session id that `blocks` does not know, as
+    Gradio would find out only after starting its answer (a 500 or a broken event stream, and a
+    traceback in the server log); None otherwise. Mirrors Gradio 6's lookups in its routes."""
+    parts = scope["path"].split("/")[1:]
+    if parts[:1] != ["gradio_api"]:
+        return None
+    parts = [p for p in parts[1:] if p]
+    queue, method = blocks._queue, scope["method"]
+    if parts == ["queue", "data"] and method == "GET":
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        session = query.get("session_hash", [None])[0]
+        if session is not None and session not in queue.pending_messages_per_session:
+            return 404, "Unknown session id (its events have ended, or it never existed)"
+        return None
+    if parts[:2] == ["call", "v2"]:
+        parts = parts[:1] + parts[2:]
+    if len(parts) < 2 or parts[0] not in ("call", "run", "api"):
+        return None
+    names = {fn.api_name for fn in blocks.fns.values() if fn.api_name}
+    if parts[1] not in names:
+        return 404, f"No API named /{parts[1]} (see /?view=api)"
+    if parts[0] == "call" and len(parts) == 3 and method == "GET":
+        event_id = parts[2]
+        event = queue.event_ids_to_events.get(event_id)
+        session = event.session_hash if event is not None else next(
+            (s for s, ids in queue.pending_event_ids_session.items() if event_id in ids),
+            event_id)
+        if session not in queue.pending_messages_per_session:
+            return 404, "Unknown event id (its result was already read, or it never existed)"
+    return None
+
+
+def unknown_handler(blocks, scope, body):
+    """(404, one line) for a JSON body naming an event handler (/queue/join's fn_index) or a
+    component (/component_server's component_id) that `blocks` does not have (Gradio: KeyError, a
+    500 and a traceback); None otherwise (Gradio answers)."""
+    try:
+        body = json.loads(body)
+    except ValueError:
+        return None
+    join = scope["path"].endswith("/queue/join")
+    key, known = ("fn_index", blocks.fns) if join else ("component_id", blocks.blocks)
+    number = body.get(key) if isinstance(body, dict) else None
+    if isinstance(number, int) and not isinstance(number, bool) and number not in known:
+        what = "event handler" if join else "component"
+        return 404, f"No {what} number {number} (see /?view=api for the API)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,6 +613,10 @@ def parse_args(argv=None):
     p.add_argument("--port", type=_port, default=7860)
     p.add_argument("--listen", action="store_true",
                    help="bind 0.0.0.0 (reachable from other machines); default 127.0.0.1 only")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated host names the demo may be opened as, besides "
+                        "127.0.0.1, localhost and [::1] (requests naming any other Host are "
+                        "refused, against DNS rebinding)")
     p.add_argument("--share", action="store_true", help="create a public gradio.live link")
     return p.parse_args(argv)
 
@@ -537,6 +677,44 @@ def build_pipelines(args):
     return pipelines, banner
 
 
+def check_port(host, port):
+    """SystemExit with one line unless `port` can be listened on (Gradio would say "Cannot find
+    empty port" for a port below 1024 as much as for one in use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)       # as uvicorn does
+        try:
+            s.bind((host, port))
+        except PermissionError:
+            raise SystemExit(f"error: no permission to listen on port {port} (ports below 1024 "
+                             f"need root): use --port 7860 or another port from 1024 up") from None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise SystemExit(f"error: port {port} is in use by another program: pick a free "
+                                 f"one with --port") from None
+            raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def own_cache_folder():
+    """A folder of this process for Gradio's uploads and results (inside GRADIO_TEMP_DIR if set,
+    else the system's temp folder), made GRADIO_TEMP_DIR; its path."""
+    folder = tempfile.mkdtemp(prefix="canny2image-demo-", dir=os.environ.get("GRADIO_TEMP_DIR"))
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    return folder
+
+
+def clean_on_exit(folder):
+    """Remove `folder` when the process ends: normally, on Ctrl-C, and on SIGTERM or SIGHUP
+    (which would otherwise end Python without any clean-up)."""
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+    def stop(signum, frame):
+        log.info("%s: stopping; removing %s", signal.Signals(signum).name, folder)
+        raise SystemExit(0)           # unwinds launch(); atexit removes the folder
+    for name in ("SIGTERM", "SIGHUP"):           # no SIGHUP on Windows
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
+
+
 def main(argv=None):
     """Start the demo; every start-up error ends in one line and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -547,12 +725,15 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     except OUT_OF_MEMORY:
         raise SystemExit("error: out of GPU memory while loading the model") from None
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    check_port(host, args.port)                   # before the warm-up
     if not args.no_warmup:
         warm_up(pipelines)
+    clean_on_exit(own_cache_folder())             # before the page: Gradio reads it then
     demo = create_demo(pipelines, banner=banner)
     try:
-        launch(demo, server_name="0.0.0.0" if args.listen else "127.0.0.1",
-               server_port=args.port, share=args.share)
+        launch(demo, server_name=host, server_port=args.port, share=args.share,
+               allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()])
     except OSError as e:          # e.g. the port is taken
         raise SystemExit(f"error: {e}") from None
 

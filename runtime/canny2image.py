@@ -9,9 +9,16 @@ truncation; the result is [255 - edge map] + samples. Every parameter is checked
 Fast mode (runtime/fast/) converts the model's UNet, ControlNet and VAE in place and owns the
 model until `close()`; reference mode on the same model object meanwhile runs on the original
 fp32 weights (brought from host memory for each call), so its results do not change.
+
+Threads: calls on one model (one Canny2Image, or several on the same model) run one at a time
+(a lock per model), and the seeded noise is drawn under runtime/seed.py's RNG_LOCK, so a call
+gives the images a serial call with the same seed gives. `cancel=` (a threading.Event) stops a
+call at the next DDIM step with runtime.errors.Cancelled.
 """
 import contextlib
 import random
+import threading
+import weakref
 
 import numpy as np
 import torch
@@ -21,11 +28,35 @@ from annotator.util import HWC3, resize_image
 from cldm.ddim_hacked import DDIMSampler
 from cldm.hack import sliced_attention_enabled
 from runtime import lowvram, memory
-from runtime.errors import InputError, require_finite
+from runtime.errors import Cancelled, InputError, require_finite
 from runtime.fast import FastRunner, owner
 from runtime.inputs import MODES, check_inputs, control_scales, resized_shape
 from runtime.prompt_cache import PromptCache
-from runtime.seed import seed_everything
+from runtime.seed import RNG_LOCK, seeded_noise
+
+_MODEL_LOCKS = weakref.WeakKeyDictionary()      # model -> the lock of the calls that use it
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model):
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.RLock())
+
+
+def _steps(progress, cancel):
+    """The per-step callback (done, total): reports progress, then raises Cancelled if `cancel`
+    is set."""
+    def step(done, total):
+        if progress is not None:
+            progress(done, total)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled after DDIM step {done} of {total}")
+    return step
+
+
+def _check_cancel(cancel):
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled before the first DDIM step")
 
 
 class Canny2Image:
@@ -47,6 +78,7 @@ class Canny2Image:
         self.apply_canny = CannyDetector()
         self.ddim_sampler = DDIMSampler(model)
         self.last_seed = None
+        self._lock = _model_lock(model)
 
     def close(self):
         """Fast mode: free its graphs and give the model back as it was. Reference mode: no-op."""
@@ -70,11 +102,21 @@ class Canny2Image:
     @torch.no_grad()
     def process(self, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
                 ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold, high_threshold,
-                progress=None):
+                progress=None, cancel=None):
         """Return [255 - edge map] + num_samples images, all uint8 HxWx3.
 
-        progress(done, total), if given, is called after every DDIM step.
+        progress(done, total), if given, is called after every DDIM step. cancel: a
+        threading.Event (anything with is_set()); once set, the call raises
+        runtime.errors.Cancelled at the next DDIM step.
         """
+        with self._lock:
+            return self._process(input_image, prompt, a_prompt, n_prompt, num_samples,
+                                 image_resolution, ddim_steps, guess_mode, strength, scale, seed,
+                                 eta, low_threshold, high_threshold, progress, cancel)
+
+    def _process(self, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
+                 ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold,
+                 high_threshold, progress, cancel):
         (input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
          guess_mode, strength, scale, seed, eta, low_threshold, high_threshold) = self.check(
             input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
@@ -85,13 +127,14 @@ class Canny2Image:
         if seed == -1:
             seed = random.randint(0, 65535)
         samples = self._generate(detected_map, prompt + ", " + a_prompt, n_prompt, num_samples,
-                                 ddim_steps, guess_mode, strength, scale, seed, eta, progress)
+                                 ddim_steps, guess_mode, strength, scale, seed, eta, progress,
+                                 cancel)
         return [255 - detected_map] + samples
 
     @torch.no_grad()
     def process_batch(self, input_images, seeds, prompt, a_prompt, n_prompt, num_samples,
                       image_resolution, ddim_steps, guess_mode, strength, scale, eta,
-                      low_threshold, high_threshold, progress=None):
+                      low_threshold, high_threshold, progress=None, cancel=None):
         """process() for several images in one model batch of len(images) * num_samples rows:
         image i gets the edge map and the starting noise of process(..., seed=seeds[i], ...).
 
@@ -99,7 +142,16 @@ class Canny2Image:
         differ from one call per image) and images whose edge maps have one size. The images can
         still differ from one process() call per image in the last bits of a pixel: matrix
         kernels may sum in another order at another batch size. Returns one process() result per
-        image."""
+        image. progress, cancel: as for process()."""
+        with self._lock:
+            return self._process_batch(input_images, seeds, prompt, a_prompt, n_prompt,
+                                       num_samples, image_resolution, ddim_steps, guess_mode,
+                                       strength, scale, eta, low_threshold, high_threshold,
+                                       progress, cancel)
+
+    def _process_batch(self, input_images, seeds, prompt, a_prompt, n_prompt, num_samples,
+                       image_resolution, ddim_steps, guess_mode, strength, scale, eta,
+                       low_threshold, high_threshold, progress, cancel):
         if eta != 0:
             raise InputError("process_batch needs eta == 0: for eta > 0 the per-step noise of a "
                              "batch differs from one process() call per image")
@@ -120,25 +172,31 @@ class Canny2Image:
         self.check_memory(maps[0].shape, None, len(maps) * int(num_samples))
         samples = self._generate(maps, prompt + ", " + a_prompt, n_prompt, num_samples,
                                  ddim_steps, guess_mode, strength, scale, checked_seeds, eta,
-                                 progress)
+                                 progress, cancel)
         n = int(num_samples)
         return [[255 - m] + samples[i * n:(i + 1) * n] for i, m in enumerate(maps)]
 
     def _generate(self, detected_map, prompt, n_prompt, num_samples, ddim_steps, guess_mode,
-                  strength, scale, seed, eta, progress):
+                  strength, scale, seed, eta, progress, cancel=None):
         """Steps 3-9 of upstream's process() (spec §4.10), from the HxWx3 edge map and the joined
         prompt to num_samples uint8 images.
 
         detected_map and seed may be lists (process_batch): num_samples rows per map, each map's
-        rows starting from its own seed's noise, drawn as a call for that map alone draws it."""
-        if self.fast is not None:
-            self.last_seed = seed[0] if isinstance(seed, list) else seed
-            return self.fast.generate(detected_map, prompt, n_prompt, num_samples, ddim_steps,
-                                      guess_mode, strength, scale, seed, eta, progress)
-        fast_owner = owner(self.model)  # a fast-mode pipeline holds the model: its fp32 weights
-        with fast_owner.fp32() if fast_owner is not None else contextlib.nullcontext():
-            return self._reference(detected_map, prompt, n_prompt, num_samples, ddim_steps,
-                                   guess_mode, strength, scale, seed, eta, progress)
+        rows starting from its own seed's noise, drawn as a call for that map alone draws it.
+        With eta > 0 every step draws noise from the global generators: RNG_LOCK is held for the
+        whole run, so that no other thread reseeds them meanwhile."""
+        _check_cancel(cancel)
+        step = _steps(progress, cancel)
+        with RNG_LOCK if eta != 0 else contextlib.nullcontext():
+            if self.fast is not None:
+                self.last_seed = seed[0] if isinstance(seed, list) else seed
+                return self.fast.generate(detected_map, prompt, n_prompt, num_samples,
+                                          ddim_steps, guess_mode, strength, scale, seed, eta,
+                                          step)
+            fast_owner = owner(self.model)   # a fast-mode pipeline holds the model: its fp32
+            with fast_owner.fp32() if fast_owner is not None else contextlib.nullcontext():
+                return self._reference(detected_map, prompt, n_prompt, num_samples, ddim_steps,
+                                       guess_mode, strength, scale, seed, eta, step)
 
     def _reference(self, detected_map, prompt, n_prompt, num_samples, ddim_steps, guess_mode,
                    strength, scale, seed, eta, progress):
@@ -156,15 +214,9 @@ class Canny2Image:
             controls.append(control.permute(0, 3, 1, 2).clone())
         control = controls[0] if len(maps) == 1 else torch.cat(controls)
 
-        x_T = None   # one map: the sampler draws x_T after seeding, as upstream
-        if len(maps) > 1:
-            # each map's x_T as the sampler would draw it right after seeding with its seed
-            noise = []
-            for s in seeds:
-                seed_everything(s)
-                noise.append(torch.randn((num_samples, *shape), device=device))
-            x_T = torch.cat(noise)
-        self.last_seed = seed_everything(seeds[0]) if x_T is None else seeds[0]
+        # each map's x_T as upstream's sampler draws it right after seeding with its seed
+        x_T = torch.cat([seeded_noise(s, (num_samples, *shape), device) for s in seeds])
+        self.last_seed = seeds[0]
 
         lowvram.shift(model, is_diffusing=False)
         cond = {"c_concat": [control],
@@ -174,12 +226,10 @@ class Canny2Image:
 
         lowvram.shift(model, is_diffusing=True)
         model.control_scales = control_scales(strength, guess_mode)
-        callback = None
-        if progress is not None:
-            sampler = self.ddim_sampler
+        sampler = self.ddim_sampler
 
-            def callback(i):
-                progress(i + 1, len(sampler.ddim_timesteps))
+        def callback(i):
+            progress(i + 1, len(sampler.ddim_timesteps))
 
         samples, _ = self.ddim_sampler.sample(
             ddim_steps, batch, shape, cond, verbose=False, eta=eta,

@@ -5,6 +5,11 @@ class InputError(ValueError):
     """Bad user input (image, prompt or a parameter out of range)."""
 
 
+class Cancelled(RuntimeError):
+    """The caller cancelled the run (process(..., cancel=event) with the event set): raised at the
+    next DDIM step, and before the first."""
+
+
 class NonFiniteOutputError(RuntimeError):
     """The model computed NaN or infinity instead of an image (damaged weights, most often)."""
 

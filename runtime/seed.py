@@ -3,9 +3,14 @@
 
 PL 2.x sets PL_GLOBAL_SEED and seeds Python's `random`, numpy and torch (CPU and every CUDA
 device, which torch.manual_seed does) and rejects seeds outside numpy's 0..2**32-1.
+
+Those generators are process-wide: a run that seeds them and then draws its noise must not let a
+run in another thread reseed them in between. seeded_noise() does both under RNG_LOCK, and a run
+that keeps drawing per step (eta > 0) holds RNG_LOCK throughout (runtime/canny2image.py).
 """
 import os
 import random
+import threading
 
 import numpy as np
 import torch
@@ -14,6 +19,7 @@ from runtime.errors import InputError
 
 MIN_SEED = 0
 MAX_SEED = 2**32 - 1
+RNG_LOCK = threading.RLock()
 
 
 def seed_everything(seed):
@@ -28,3 +34,11 @@ def seed_everything(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
     return seed
+
+
+def seeded_noise(seed, shape, device):
+    """seed_everything(seed), then torch.randn(shape, device=device), under RNG_LOCK: the x_T
+    upstream's sampler draws right after seeding (nothing in between draws)."""
+    with RNG_LOCK:
+        seed_everything(seed)
+        return torch.randn(shape, device=device)

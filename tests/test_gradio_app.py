@@ -263,10 +263,13 @@ class _Pipeline:
         return [input_image]
 
 
-def _call(process, progress=None, **overrides):
+def _call(process, progress=None, request=None, **overrides):
+    """Call the handler (a coroutine function) as Gradio would, outside of a server."""
+    import asyncio
     values = {**DEFAULTS, **FAST, **overrides}
     image = Image.fromarray(sample_image(128, 96))
-    return process(image, *(values[k] for k in ORDER), progress=progress or (lambda *a, **k: None))
+    return asyncio.run(process(image, *(values[k] for k in ORDER),
+                               progress=progress or (lambda *a, **k: None), request=request))
 
 
 def test_progress_goes_over_the_ddim_steps():
@@ -471,9 +474,7 @@ def test_the_line_under_the_gallery_says_time_device_and_mode():
     class Request:
         session_hash = "abc"
 
-    values = {**DEFAULTS, **FAST}
-    image = Image.fromarray(sample_image(128, 96))
-    process(image, *(values[k] for k in ORDER), progress=lambda *a, **k: None, request=Request())
+    _call(process, request=Request())
     line = process.infos.pop(Request())
     assert line.startswith("0 images at ") and " s · CPU · ? mode" in line, line
     assert process.infos.pop(Request()) == ""                      # shown once

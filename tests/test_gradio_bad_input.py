@@ -3,6 +3,7 @@ launched in-process on 127.0.0.1 (tiny model, 1 DDIM step), and at start-up: eve
 clear message (never Gradio's bare error or {"error": null}), the server log gets no traceback,
 nothing over the pixel limit is decoded, no server path or URL is read, and the server keeps
 serving. tests/test_gradio_app.py has the working paths and the first bad-input cases."""
+import asyncio
 import base64
 import http.server
 import io
@@ -206,10 +207,11 @@ def test_wrong_values_by_raw_http(url, files, key, value, match, capfd):
     assert_clear_error(raw_call(url, image, values), match, capfd)
 
 
-@pytest.mark.parametrize("count", [0, 2, len(ORDER)])      # all but the last value
+@pytest.mark.parametrize("count", [0, 2, len(ORDER), len(ORDER) + 2])   # too few, too many
 def test_wrong_number_of_values(url, files, count, capfd):
     data = ([upload(url, files["rgb.png"])] + [VALUES[k] for k in ORDER] * 2)[:count]
-    assert_clear_error(raw_data(url, data), "input values", capfd)
+    assert_clear_error(raw_data(url, data), f"takes {len(ORDER) + 1} values", capfd)
+    assert_clear_error(raw_data(url, data), f"got {count}.", capfd)
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -402,8 +404,8 @@ def test_non_finite_output_is_a_message(files):
 
     process, _ = app.make_process([NaNPipeline()])
     with pytest.raises(gr.Error, match="NaN or infinite values"):
-        process(Image.open(files["rgb.png"]), *(VALUES[k] for k in ORDER),
-                progress=lambda *a, **k: None)
+        asyncio.run(process(Image.open(files["rgb.png"]), *(VALUES[k] for k in ORDER),
+                            progress=lambda *a, **k: None))
 
 
 # --- start-up ------------------------------------------------------------------------------

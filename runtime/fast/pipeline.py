@@ -17,7 +17,7 @@ from runtime.fast.precompute import CrossKV, Precompute, ddim_schedule
 from runtime.fast.step import Step, control_rows, model_calls
 from runtime.errors import require_finite
 from runtime.prompt_cache import PromptCache
-from runtime.seed import seed_everything
+from runtime.seed import seeded_noise
 
 
 @contextlib.contextmanager
@@ -228,11 +228,7 @@ class FastRunner:
         ctx_c = ctx[0:1].expand(B, -1, -1).contiguous()
         ctx_u = ctx[1:2].expand(B, -1, -1).contiguous()
         # x_T as the reference sampler draws it: seed_everything, then randn (CLIP draws nothing)
-        noise = []
-        for s in seeds:
-            seed_everything(s)
-            noise.append(torch.randn((n, 4, H // 8, W // 8), device=self.device))
-        x_T = torch.cat(noise)
+        x_T = torch.cat([seeded_noise(s, (n, 4, H // 8, W // 8), self.device) for s in seeds])
         z, info = self.sample(hint, ctx_c, ctx_u, x_T, ddim_steps, guess_mode, strength, scale,
                               eta, callback)
         if info["nonfinite"]:
