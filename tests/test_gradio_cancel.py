@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gradio_canny2image as app  # noqa: E402
 from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.errors import Cancelled  # noqa: E402
+from runtime.inputs import CONFIG_TINY  # noqa: E402
 from runtime.weights import build_model  # noqa: E402
 from test_gradio_app import DEFAULTS, FAST, ORDER, _free_port  # noqa: E402
 
@@ -63,7 +64,7 @@ def served(tmp_path_factory):
 
     png = tmp_path_factory.mktemp("in") / "rgb.png"
     Image.fromarray(sample_image(320, 256)).save(png)
-    model = build_model(app.CONFIG_TINY, random_weights=True, device="cpu", seed=0)
+    model = build_model(CONFIG_TINY, random_weights=True, device="cpu", seed=0)
     pipeline = SlowPipeline(model)
     demo = app.create_demo(pipeline)
     _, url, _ = app.launch(demo, server_port=_free_port(), prevent_thread_lock=True, quiet=True)
