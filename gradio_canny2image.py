@@ -82,13 +82,16 @@ class _PipelinePool:
     (Canny2Image would make them wait on its model's lock). The seeded noise does not depend on
     what runs at the same time on other GPUs (runtime/seed.py's RNG_LOCK)."""
 
-    def __init__(self, pipelines):
+    def __init__(self, pipelines, ready=None):
         self.size = len(pipelines)
         self._free = queue.Queue()
+        self._ready = ready       # a threading.Event: requests wait for the warm-up (WarmUp)
         for p in pipelines:
             self._free.put(p)
 
     def acquire(self):
+        if self._ready is not None:
+            self._ready.wait()
         return self._free.get()
 
     def release(self, pipeline):
@@ -264,13 +267,14 @@ def _retrieve(future):
         future.exception()          # an abandoned run's error: no "never retrieved" log
 
 
-def make_process(pipelines):
+def make_process(pipelines, ready=None):
     """The function the Run button calls: the 14 UI inputs → gallery images, or a gr.Error.
 
     It is a coroutine that runs the work in a thread: when Gradio cancels the request (the Stop
     button, /cancel) or its client closes the event stream, it sets the run's cancel event, and
-    the pipeline stops at its next DDIM step and goes back to the pool."""
-    pool = _PipelinePool(pipelines)
+    the pipeline stops at its next DDIM step and goes back to the pool. With `ready` (a
+    threading.Event), requests wait for it before they take a pipeline."""
+    pool = _PipelinePool(pipelines, ready)
     infos = RequestInfos()
 
     async def process(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
@@ -442,14 +446,47 @@ def warm_up(pipelines, resolution=512, steps=20):
     return seconds
 
 
+WARMING_UP = ("**Warming up…** (compiling kernels, capturing graphs): a request sent now waits "
+              "for it and then runs.")
+
+
+class WarmUp:
+    """warm_up(pipelines) in a background thread while the page is already served: requests wait
+    for `done` (the pipeline pool checks it) and the page says so until then. A failed warm-up is
+    logged and requests run without it (they then pay the compilation themselves)."""
+
+    def __init__(self, pipelines):
+        self.done = threading.Event()
+        self.seconds = None
+        self._thread = threading.Thread(target=self._run, args=(pipelines,), name="warm-up",
+                                        daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def _run(self, pipelines):
+        try:
+            self.seconds = warm_up(pipelines)
+        except Exception:
+            log.exception("warm-up failed: requests run without it")
+        finally:
+            self.done.set()
+
+    def status(self):
+        """The line shown on the page: WARMING_UP until the warm-up is done, then nothing."""
+        return "" if self.done.is_set() else WARMING_UP
+
+
 # ---------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------
 
-def create_demo(pipeline, banner=None):
-    """Build the page. `pipeline`: a Canny2Image, or a list of them (one queue worker each)."""
+def create_demo(pipeline, banner=None, warming=None):
+    """Build the page. `pipeline`: a Canny2Image, or a list of them (one queue worker each).
+    `warming`: a WarmUp; until it is done the page says so and requests wait for it."""
     pipelines = list(pipeline) if isinstance(pipeline, (list, tuple)) else [pipeline]
-    process, workers = make_process(pipelines)
+    process, workers = make_process(pipelines, warming.done if warming else None)
     r = SLIDER_RANGES
     with CheckedBlocks(title="ControlNet canny2image", delete_cache=DELETE_CACHE) as demo:
         with gr.Row():
@@ -457,6 +494,19 @@ def create_demo(pipeline, banner=None):
         if banner:
             with gr.Row():
                 gr.Markdown(banner, elem_id="weights-banner")
+        if warming is not None:
+            with gr.Row():
+                status = gr.Markdown(warming.status(), elem_id="warm-up")
+            # refreshed on page load and every second until the warm-up is done (then the timer
+            # stops); no concurrency limit, so it never waits behind a generation
+            timer = gr.Timer(1.0, active=not warming.done.is_set())
+
+            def tick():
+                text = warming.status()
+                return text, gr.Timer(active=bool(text))
+            for event in (timer.tick, demo.load):
+                event(tick, outputs=[status, timer], concurrency_limit=None,
+                      show_progress="hidden", api_visibility="private")
         with gr.Row():
             with gr.Column():
                 # numpy RGB uint8, decoded by runtime.inputs.read_image (the CLI's reader)
@@ -726,11 +776,13 @@ def main(argv=None):
     except OUT_OF_MEMORY:
         raise SystemExit("error: out of GPU memory while loading the model") from None
     host = "0.0.0.0" if args.listen else "127.0.0.1"
-    check_port(host, args.port)                   # before the warm-up
-    if not args.no_warmup:
-        warm_up(pipelines)
+    check_port(host, args.port)
     clean_on_exit(own_cache_folder())             # before the page: Gradio reads it then
-    demo = create_demo(pipelines, banner=banner)
+    # The page is served at once; the warm-up runs behind it (requests wait for it).
+    warming = None if args.no_warmup else WarmUp(pipelines)
+    demo = create_demo(pipelines, banner=banner, warming=warming)
+    if warming is not None:
+        warming.start()
     try:
         launch(demo, server_name=host, server_port=args.port, share=args.share,
                allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()])

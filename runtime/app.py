@@ -121,12 +121,14 @@ def find_checkpoint():
 
 
 def make_model(device="cpu", *, tiny=False, config=None, ckpt=None, random_weights=False,
-               weights_seed=0, low_vram=False):
+               weights_seed=0, low_vram=False, host_children=()):
     """The ControlLDM of a pipeline, in eval mode on `device`: models/cldm_tiny.yaml (random
     weights) for `tiny`, else `config` (default models/cldm_v15.yaml) with the weights of `ckpt`
     or, with `random_weights`, seeded random ones (runtime/weights.py). `low_vram` switches on
     upstream's save_memory before the build (it stays on for the process, as upstream's
-    config.py does). Checkpoint problems: AppError."""
+    config.py does). `host_children`: the children built in host memory (fast mode on a GPU
+    makes their fp16 device copies itself: runtime.fast.nets.host_children). Checkpoint
+    problems: AppError."""
     from cldm.model import CheckpointError
     from runtime import lowvram
     from runtime.weights import build_model
@@ -138,7 +140,7 @@ def make_model(device="cpu", *, tiny=False, config=None, ckpt=None, random_weigh
     config = CONFIG_TINY if tiny else (config or CONFIG_FULL)
     try:
         return build_model(config, ckpt=ckpt, random_weights=random_weights, device=device,
-                           seed=weights_seed)
+                           seed=weights_seed, host_children=host_children)
     except CheckpointError as e:
         raise AppError(str(e)) from None
 
@@ -146,8 +148,10 @@ def make_model(device="cpu", *, tiny=False, config=None, ckpt=None, random_weigh
 def build_pipeline(device, *, mode=None, options=None, **model_flags):
     """Canny2Image(make_model(device, **model_flags), mode, options); mode None: default_mode."""
     from runtime.canny2image import Canny2Image
-    model = make_model(device, **model_flags)
-    return Canny2Image(model, mode=mode or default_mode(device), options=options)
+    from runtime.fast.nets import host_children
+    mode = mode or default_mode(device)
+    model = make_model(device, host_children=host_children(mode, device), **model_flags)
+    return Canny2Image(model, mode=mode, options=options)
 
 
 # --- image files -------------------------------------------------------------------------------

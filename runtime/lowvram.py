@@ -63,14 +63,17 @@ def shift(model, is_diffusing):
         model.low_vram_shift(is_diffusing)
 
 
-def place(model, device):
+def place(model, device, host=()):
     """Put a freshly built ControlLDM on `device` the way low_vram_shift(False) leaves it (VAE,
     CLIP and the schedule buffers on `device`, the UNet and ControlNet in host memory) without
-    the whole model passing through the device first. Without save_memory: model.to(device)."""
-    if not config.save_memory:
+    the whole model passing through the device first. Without save_memory: model.to(device).
+    The children named in `host` stay in host memory either way (fast mode converts them to the
+    device itself, runtime/fast/nets.py)."""
+    if not config.save_memory and not host:
         return model.to(device)
     for name, child in model.named_children():
-        child.to(HOST if name in DIFFUSION_NETWORKS else device)
+        offloaded = name in host or (config.save_memory and name in DIFFUSION_NETWORKS)
+        child.to(HOST if offloaded else device)
     for name, buffer in model.named_buffers(recurse=False):
         setattr(model, name, buffer.to(device))
     return model

@@ -125,8 +125,10 @@ def random_weights_(model, seed=0, device=None, dtype=None):
 @contextlib.contextmanager
 def _parameters_on_meta():
     """Modules built inside get their parameters on the meta device (no memory, no init cost),
-    while buffers (the noise schedule, position_ids) are computed for real. Not thread-safe: it
-    swaps nn.Module.register_parameter for the duration."""
+    while buffers (the noise schedule, position_ids) are computed for real. The torch.nn.init
+    functions skip meta tensors (there are no values to set; normal_ on a meta tensor alone would
+    import torch's Python decompositions: seconds at start-up). Not thread-safe: it swaps
+    nn.Module.register_parameter and the nn.init functions for the duration."""
     register_parameter = nn.Module.register_parameter
 
     def register_on_meta(module, name, param):
@@ -134,11 +136,23 @@ def _parameters_on_meta():
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         register_parameter(module, name, param)
 
+    def skipping_meta(init):
+        def wrapper(tensor, *args, **kwargs):
+            return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+        return wrapper
+
+    inits = {name: getattr(nn.init, name) for name in dir(nn.init)
+             if name.endswith("_") and not name.startswith("_")
+             and callable(getattr(nn.init, name))}
     nn.Module.register_parameter = register_on_meta
+    for name, init in inits.items():
+        setattr(nn.init, name, skipping_meta(init))
     try:
         yield
     finally:
         nn.Module.register_parameter = register_parameter
+        for name, init in inits.items():
+            setattr(nn.init, name, init)
 
 
 def _shown_path(path):
@@ -202,7 +216,7 @@ def _load_checkpoint(model, path, device_of, dtype, config):
 
 
 def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, device="cpu", seed=0,
-                dtype=None):
+                dtype=None, host_children=(), on_phase=None):
     """ControlLDM in eval mode on `device`, with the weights of `ckpt` or seeded random weights.
 
     Neither given: uses ./models/control_sd15_canny.pth when it exists, else raises CheckpointError.
@@ -213,6 +227,10 @@ def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, dev
     Buffers (the noise schedule, CLIP's position_ids) keep their float32/int64. Under low-VRAM
     mode (runtime.lowvram) the UNet and the ControlNet are created in host memory, the way
     low_vram_shift(False) places them, so the whole model is never on the device at once.
+    The ControlLDM children named in `host_children` are created in host memory too (fast mode:
+    runtime.fast.HOST_BUILT, converted to the device one tensor at a time by the fast runner).
+    `on_phase(name)`, if given, is called as each phase ends: "construct" (the modules, parameters
+    on the meta device), then "weights" (random or from the checkpoint); benchmarks time them.
     """
     if ckpt is not None and random_weights:
         raise ValueError("pass either a checkpoint or random_weights=True, not both")
@@ -221,11 +239,15 @@ def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, dev
             raise CheckpointError(missing_checkpoint_message(DEFAULT_CHECKPOINT)
                                   + " To try the pipeline without it, pass --random-weights.")
         ckpt = DEFAULT_CHECKPOINT
+    phase = on_phase or (lambda name: None)
     with _parameters_on_meta():
         model = create_model(config_path)
+    phase("construct")
 
     def device_of(name):
-        offloaded = lowvram.enabled() and name.split(".")[0] in lowvram.DIFFUSION_NETWORKS
+        child = name.split(".")[0]
+        offloaded = child in host_children or (lowvram.enabled()
+                                               and child in lowvram.DIFFUSION_NETWORKS)
         return lowvram.HOST if offloaded else torch.device(device)
 
     if random_weights:
@@ -233,4 +255,6 @@ def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, dev
     else:
         _load_checkpoint(model, ckpt, device_of, dtype, _shown_path(config_path))
         model.random_weights = False
-    return lowvram.place(model, device).eval()
+    model = lowvram.place(model, device, host=host_children).eval()
+    phase("weights")
+    return model

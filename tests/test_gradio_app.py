@@ -321,7 +321,8 @@ def built(monkeypatch):
     class _Model:
         device = "cpu"
 
-    def build_model(config_path, ckpt=None, random_weights=False, device="cpu", seed=0):
+    def build_model(config_path, ckpt=None, random_weights=False, device="cpu", seed=0,
+                    **placement):
         calls.append(dict(config=config_path, ckpt=ckpt, random_weights=random_weights,
                           device=device))
         return _Model()

@@ -72,8 +72,9 @@ class Entry:
         self.capture_error = None
 
     def capture(self, step, device):
-        """Warm up (cudnn benchmark, Triton autotune, lazy init) on a side stream, then capture
-        one step on `device`. A failure is kept as `capture_error` (the entry then runs eager)."""
+        """Warm up (cuDNN autotuning if on, Triton autotune, lazy init) on a side stream, then
+        capture one step on `device`. A failure is kept as `capture_error` (the entry then runs
+        eager)."""
         saved = {k: self.bufs[k].clone() for k in ("x", "bad", "eps")}
         try:
             s = torch.cuda.Stream(device=device)

@@ -2,8 +2,11 @@
 
 One copy of each network lives on the device, in the fast dtype: a full-size SD1.5 + ControlNet
 in fp16 is ~2.4 GB of weights where a private fp16 copy beside the caller's fp32 model held
-~7.2 GB. The fp32 originals go to host memory (exact values, kept for as long as fast mode owns
-the model); CLIP is not touched (fp32: small, and fp16 CLIP risks its -inf mask).
+~7.2 GB. The fp32 originals live in host memory (exact values, kept for as long as fast mode owns
+the model): the CLI and the demo build these networks there (build_model(host_children=
+HOST_BUILT)), and each tensor's fast copy is made from its original straight on the device, so
+no fp32 network is ever on the device (a model built on the device is copied to host memory
+first). CLIP is not touched (fp32: small, and fp16 CLIP risks its -inf mask).
 
 A FastNets *owns* the model until `close()`: a second fast runner on the same model is refused,
 and reference-mode work on it (the fp32 redo, reference mode on the same object) runs inside
@@ -11,8 +14,7 @@ and reference-mode work on it (the fp32 redo, reference mode on the same object)
 kernel patch off, so it runs upstream's numerics exactly. The fast tensors stay allocated while
 it runs, so captured graphs stay valid; `close()` puts the original weights back for good.
 
-Low-VRAM mode (runtime/lowvram.py): build_model left the fp32 UNet and ControlNet in host
-memory; they are converted there and only the fast copies go to the device, to stay for the
+Low-VRAM mode (runtime/lowvram.py): the fast UNet and ControlNet stay on the device for the
 runner's life; CLIP and the VAE live in host memory between their phases (`_place_for_low_vram`).
 `fp32()` brings the originals it needs to the device as without low-VRAM (the fp32 redo then
 holds the fp16 and fp32 networks at once: a rare path, over the low-VRAM budget while it runs).
@@ -34,6 +36,14 @@ from runtime.fast.options import resolve_attention
 logger = logging.getLogger(__name__)
 
 NETS = ("unet", "control", "vae")
+# The ControlLDM children fast mode converts: build_model(host_children=HOST_BUILT) creates them
+# in host memory, and FastNets makes each tensor's fast copy on the device from there.
+HOST_BUILT = ("model", "control_model", "first_stage_model")
+
+
+def host_children(mode, device):
+    """What build_model should create in host memory for a pipeline of `mode` on `device`."""
+    return HOST_BUILT if mode == "fast" and torch.device(device).type != "cpu" else ()
 _OWNER = "_fast_mode_owner"  # plain attribute on the ControlLDM: never in its state_dict
 
 
@@ -51,9 +61,22 @@ def _tensors(net):
             yield mod, name, False, b
 
 
+def _want(module, is_param, tensor, dtype):
+    """The fast dtype of one tensor: `dtype` for floating tensors, except GroupNorm32's affine
+    parameters, which stay fp32 (it normalizes x.float(), as upstream's convert_to_fp16 leaves
+    norms alone; torch's group_norm wants them in the input's dtype)."""
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if isinstance(module, GroupNorm32) and is_param else dtype
+
+
 def _assign(mod, name, is_param, value):
     if is_param:
-        getattr(mod, name).data = value
+        param = getattr(mod, name)
+        if torch._has_compatible_shallow_copy_type(param, value):
+            param.data = value          # the same Parameter object (CPU <-> CUDA/HIP, dtypes)
+        else:                           # e.g. to or from the meta device (tests)
+            mod._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
     else:
         setattr(mod, name, value)
 
@@ -74,17 +97,20 @@ class FastNets:
         o = options
         target = {"unet": (o.dtype, o.channels_last), "control": (o.dtype, o.channels_last),
                   "vae": (o.vae_dtype, False)}
-        # net name -> [(module, name, is_param, fp32 original in host memory, its device)]; a
-        # tensor already in host memory (low-VRAM mode) is kept itself, not copied: the
-        # conversion gives the module new tensors and leaves the original alone.
+        self.low_vram = lowvram.enabled()
+        # net name -> [(module, name, is_param, fp32 original in host memory)]; a tensor already
+        # in host memory (build_model's HOST_BUILT, low-VRAM mode) is kept itself, not copied.
         self._host = {}
+        # where each network lives outside fast mode (close() puts the originals there)
+        self._home = {n: lowvram.HOST if self.low_vram and n != "vae" else self.device
+                      for n in NETS}
         for n, net in self.nets.items():
             dtype, cl = target[n]
-            if cl or any(t.dtype != dtype for *_, t in _tensors(net) if t.is_floating_point()):
-                self._host[n] = [(m, k, p, t.detach().cpu(), t.device)
-                                 for m, k, p, t in _tensors(net)]
-                self._convert(net, dtype, cl)
-        self.low_vram = lowvram.enabled()
+            where = lowvram.HOST if self.low_vram and n == "vae" else self.device
+            if cl or any(t.dtype != _want(m, p, t, dtype) or t.device != torch.device(where)
+                         for m, _, p, t in _tensors(net)):
+                self._host[n] = [(m, k, p, t.detach().cpu()) for m, k, p, t in _tensors(net)]
+                self._convert(self._host[n], dtype, cl, where)
         self._clip_device = None
         if self.low_vram:
             self._place_for_low_vram(model)
@@ -108,24 +134,23 @@ class FastNets:
         during the diffusion it leaves that much more for the step's activations and graph pool
         (a pool's memory stays reserved on the card between requests). The cost: ~160 MB moved
         in and out per decode (~15 ms over PCIe 4)."""
-        # Converted in host memory first (above), so only the fast dtype crosses the bus.
-        self.unet.to(self.device)
-        self.control.to(self.device)
-        self.vae.to(lowvram.HOST)
+        # The UNet and ControlNet were converted to the device, the VAE in host memory (above).
         clip = model.cond_stage_model
         self._clip_device = next(clip.parameters()).device
         clip.to(lowvram.HOST)
 
     @staticmethod
-    def _convert(net, dtype, channels_last):
-        net.to(dtype=dtype)
-        # GroupNorm32 normalizes x.float(): its affine parameters stay fp32 (as upstream's
-        # convert_to_fp16 leaves norms alone); torch's group_norm wants them in the input's dtype.
-        for sub in net.modules():
-            if isinstance(sub, GroupNorm32):
-                sub.float()
-        if channels_last:
-            net.to(memory_format=torch.channels_last)
+    @torch.no_grad()
+    def _convert(tensors, dtype, channels_last, device):
+        """Give each module a fast copy of each of its tensors on `device`, made from the host
+        original one tensor at a time: the network never exists twice in full, and never in
+        fp32 on the device (the cast happens per tensor on the way)."""
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        for mod, name, is_param, host in tensors:
+            fmt = memory_format if host.dim() == 4 else torch.preserve_format
+            value = host.to(device=device, dtype=_want(mod, is_param, host, dtype),
+                            memory_format=fmt, copy=True)
+            _assign(mod, name, is_param, value)
 
     def _patch(self):
         o = self.options
@@ -149,10 +174,10 @@ class FastNets:
         where they were before fast mode; return what was there before, to put back."""
         saved = []
         for n in names:
-            for mod, name, is_param, host, where in self._host.get(n, ()):
+            for mod, name, is_param, host in self._host.get(n, ()):
                 current = getattr(mod, name)
                 saved.append((mod, name, is_param, current.data if is_param else current))
-                value = host.to(where if home else self.device)
+                value = host.to(self._home[n] if home else self.device)
                 if dtype is not None and value.is_floating_point():
                     value = value.to(dtype)
                 _assign(mod, name, is_param, value)

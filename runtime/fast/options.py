@@ -38,7 +38,11 @@ class FastOptions:
     two_streams: bool = True            # the ControlNet on a second stream beside the UNet encoder
     graph_cache_size: int = 3           # captured shapes kept (LRU), each with its memory pool
     nan_check: bool = True              # non-finite eps/latents/images: redo in fp32
-    cudnn_benchmark: bool = True        # only inside fast-mode calls; restored afterwards
+    # cuDNN's autotuning, only inside fast-mode calls (restored afterwards). Off: measured on an
+    # H200 in one run (benchmarks/results/startup_h200_20261203_fb788a7.md) its trials' workspaces
+    # took the process peak from 3.71 to 13.16 GiB and the first request from 2.43 to 4.40 s, for
+    # a steady request of 190 vs 189 ms (the heuristic picks as well for these convolutions).
+    cudnn_benchmark: bool = False
     compile: Optional[str] = None       # torch.compile mode for the step (None: no compile)
 
     def __post_init__(self):

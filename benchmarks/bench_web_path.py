@@ -1,0 +1,143 @@
+"""Where the demo's web path goes: a request through Gradio against the same work called directly.
+
+A stand-in pipeline returns fixed images at once (edge map + N samples at --size², photo-like
+noise so PNG encoding costs what it costs on real results), so everything measured is the demo's
+own overhead, on any machine (no GPU, no model):
+  * direct: the Run button's function (make_process: input checks, PNGs written into Gradio's
+    cache) called in this process;
+  * png: save_results alone (the PNG encoding and writing part of direct);
+  * client: gradio_client's predict against the served demo (upload excluded: the input file is
+    uploaded once; HTTP, queue, event stream, result download URLs);
+  * raw: the same request as two plain HTTP calls (POST /gradio_api/call/process, then its event
+    stream), no result download.
+Medians of --repeats requests after --warmup ones; `web path` = client − direct.
+
+  python benchmarks/bench_web_path.py                 # 512², 1 sample
+  python benchmarks/bench_web_path.py --samples 4
+"""
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+class StandIn:
+    """A Canny2Image stand-in: fixed images, no work (mode and model.device for the info line)."""
+    mode = "fast"
+
+    class model:
+        device = "cpu"
+
+    def __init__(self, size, samples, seed=0):
+        import numpy as np
+        rng = np.random.default_rng(seed)
+        smooth = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        base = np.kron(smooth, np.ones((8, 8, 1), np.uint8))
+        self.images = [np.clip(base.astype(int) + rng.integers(-8, 9, base.shape), 0, 255)
+                       .astype(np.uint8) for _ in range(samples + 1)]
+
+    def process(self, *args, **kwargs):
+        return list(self.images)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def median_ms(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    args = ap.parse_args(argv)
+
+    import httpx
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    import gradio_canny2image as app
+    from runtime.sample import sample_image
+
+    pipeline = StandIn(args.size, args.samples)
+    values = dict(prompt="a house", a_prompt=app.A_PROMPT, n_prompt=app.N_PROMPT,
+                  num_samples=args.samples, image_resolution=args.size, ddim_steps=20,
+                  guess_mode=False, strength=1.0, scale=9.0, seed=1, eta=0.0, low_threshold=100,
+                  high_threshold=200)
+    order = ("prompt", "a_prompt", "n_prompt", "num_samples", "image_resolution", "ddim_steps",
+             "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold")
+    image = sample_image(args.size, args.size)
+    process, _ = app.make_process([pipeline])
+    result = {"size": args.size, "samples": args.samples, "repeats": args.repeats,
+              "python": platform.python_version(), "cpu": platform.processor() or "cpu",
+              "cpus": os.cpu_count()}
+    result["direct_ms"] = median_ms(
+        lambda: process(image, *(values[k] for k in order), progress=lambda *a, **k: None),
+        args.warmup, args.repeats)
+    result["png_ms"] = median_ms(lambda: app.save_results(pipeline.images), args.warmup,
+                                 args.repeats)
+    demo = app.create_demo([pipeline])
+    _, url, _ = app.launch(demo, server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "in.png")
+            Image.fromarray(image).save(path)
+            client = Client(url, verbose=False)
+            file = handle_file(path)
+            result["client_ms"] = median_ms(
+                lambda: client.predict(file, *(values[k] for k in order), api_name="/process"),
+                args.warmup, args.repeats)
+            # the raw API: the upload once, then POST + event stream per request
+            with open(path, "rb") as f:
+                up = httpx.post(url + "gradio_api/upload", files={"files": f}, timeout=60).json()
+            payload = {"data": [{"path": up[0], "meta": {"_type": "gradio.FileData"}}]
+                       + [values[k] for k in order]}
+
+            def raw():
+                event = httpx.post(url + "gradio_api/call/process", json=payload,
+                                   timeout=60).json()["event_id"]
+                with httpx.stream("GET", url + f"gradio_api/call/process/{event}",
+                                  timeout=60) as stream:
+                    for line in stream.iter_lines():
+                        if line.startswith("event: complete"):
+                            return
+                        if line.startswith("event: error"):
+                            raise RuntimeError("the request failed")
+            result["raw_ms"] = median_ms(raw, args.warmup, args.repeats)
+    finally:
+        demo.close()
+    result["web_path_ms"] = result["client_ms"] - result["direct_ms"]
+    result["raw_web_path_ms"] = result["raw_ms"] - result["direct_ms"]
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

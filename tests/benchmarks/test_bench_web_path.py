@@ -1,0 +1,27 @@
+"""benchmarks/bench_web_path.py on a small stand-in: every path measured, and the request through
+Gradio (client, raw HTTP) costs at least the direct call it wraps."""
+import json
+import os
+import sys
+
+from tests.conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import bench_web_path  # noqa: E402
+
+
+def test_small_run_reports_every_path(tmp_path):
+    out = tmp_path / "web.json"
+    assert bench_web_path.main(["--size", "256", "--samples", "2", "--repeats", "2", "--warmup",
+                                "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["samples"] == 2 and result["size"] == 256
+    for key in ("direct_ms", "png_ms", "client_ms", "raw_ms"):
+        assert result[key] > 0, key
+    assert result["web_path_ms"] == result["client_ms"] - result["direct_ms"]
+
+
+def test_stand_in_returns_edge_map_and_samples():
+    images = bench_web_path.StandIn(64, 3).process()
+    assert len(images) == 4 and images[0].shape == (64, 64, 3) and images[0].dtype.name == "uint8"
