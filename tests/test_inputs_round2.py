@@ -17,7 +17,6 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -135,38 +134,8 @@ ACCEPTED = ("exif6.jpg", "exif6.png", "exif8.jpg", "exif8.png", "rgba16.png", "b
 
 # --- the demo, launched in this process -------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def demo_url():
-    import gradio_canny2image as app
-    from runtime.canny2image import Canny2Image
-    from runtime.weights import build_model
-
-    model = build_model(TINY, random_weights=True, device="cpu", seed=0)
-    demo = app.create_demo(Canny2Image(model, mode="reference"))
-    for attempt in range(5):
-        try:
-            url = app.launch(demo, server_port=_free_port(), prevent_thread_lock=True,
-                             quiet=True)[1]
-            break
-        except OSError:
-            if attempt == 4:
-                raise
-    try:
-        yield url
-    finally:
-        demo.close()
-
-
-@pytest.fixture(scope="module")
-def client(demo_url):
-    from gradio_client import Client
-    return Client(demo_url, verbose=False)
+# The tiny demo and its client: the fixtures `url` and `client` of test_gradio_bad_input.
+from test_gradio_bad_input import client, url  # noqa: E402,F401
 
 
 def demo_predict(client, path, **overrides):
