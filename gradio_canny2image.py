@@ -769,14 +769,14 @@ def main(argv=None):
     """Start the demo; every start-up error ends in one line and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    check_port(host, args.port)                   # at once, not after the model is built
     try:
         pipelines, banner = build_pipelines(args)
     except (app.AppError, InputError) as e:
         raise SystemExit(f"error: {e}") from None
     except OUT_OF_MEMORY:
         raise SystemExit("error: out of GPU memory while loading the model") from None
-    host = "0.0.0.0" if args.listen else "127.0.0.1"
-    check_port(host, args.port)
     clean_on_exit(own_cache_folder())             # before the page: Gradio reads it then
     # The page is served at once; the warm-up runs behind it (requests wait for it).
     warming = None if args.no_warmup else WarmUp(pipelines)

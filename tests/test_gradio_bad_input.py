@@ -443,7 +443,8 @@ def test_start_up_errors_are_one_line(argv, match, tmp_path, capsys):
 
 
 def test_real_process_port_taken_is_one_line(tmp_path):
-    """`python gradio_canny2image.py --tiny --port P` with P taken: one line, exit status 1."""
+    """`python gradio_canny2image.py --tiny --port P` with P taken: one line, exit status 1,
+    before any model is built."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -455,3 +456,4 @@ def test_real_process_port_taken_is_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(port) in last, result.stderr
     assert "Traceback" not in result.stderr
+    assert "building" not in result.stderr, result.stderr
