@@ -228,7 +228,7 @@ def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, dev
     mode (runtime.lowvram) the UNet and the ControlNet are created in host memory, the way
     low_vram_shift(False) places them, so the whole model is never on the device at once.
     The ControlLDM children named in `host_children` are created in host memory too (fast mode:
-    runtime.fast.HOST_BUILT, converted to the device one tensor at a time by the fast runner).
+    runtime.fast.nets.HOST_BUILT, converted to the device one tensor at a time by the fast runner).
     `on_phase(name)`, if given, is called as each phase ends: "construct" (the modules, parameters
     on the meta device), then "weights" (random or from the checkpoint); benchmarks time them.
     """
