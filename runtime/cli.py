@@ -34,7 +34,7 @@ import threading
 from cldm.model import DEFAULT_CHECKPOINT
 from runtime import app
 from runtime.app import CPU_RESOLUTION, CPU_STEPS, AppError
-from runtime.errors import InputError, NonFiniteOutputError
+from runtime.errors import InputError, NonFiniteOutputError, device_out_of_memory
 from runtime.folder_job import RENDEZVOUS_TIMEOUT_S
 from runtime.inputs import (A_PROMPT, DEFAULT_ETA, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD,
                             DEFAULT_RESOLUTION, DEFAULT_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH,
@@ -160,7 +160,7 @@ def main(argv=None):
     except Exception as e:   # keep the promise of one line; details with CANNY2IMAGE_DEBUG=1
         if os.environ.get("CANNY2IMAGE_DEBUG"):
             raise
-        if _is_out_of_memory(e):
+        if isinstance(e, device_out_of_memory()):
             print("canny2image: error: out of device memory: try a lower --image-resolution or "
                   "fewer --num-samples", file=sys.stderr)
         else:
@@ -171,12 +171,6 @@ def main(argv=None):
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-def _is_out_of_memory(error):
-    import torch
-    # torch.OutOfMemoryError since torch 2.5 (CUDA and HIP); torch.cuda's is the same class
-    return isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 
 if __name__ == "__main__":

@@ -21,3 +21,16 @@ def require_finite(images, where):
         raise NonFiniteOutputError(
             f"the model computed NaN or infinite values ({where}) instead of an image: its "
             f"weights are probably damaged (NaN or inf in the checkpoint); load a good checkpoint")
+
+
+def first_line(error):
+    """The first line of an exception's message (the exception's type name when it has none)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def device_out_of_memory():
+    """The class of an accelerator's out-of-memory error: torch.OutOfMemoryError since torch 2.5
+    (CUDA and HIP), torch.cuda's before (the same class in later versions)."""
+    import torch
+    return getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)

@@ -40,7 +40,8 @@ import sys
 import time
 import uuid
 
-from runtime.outputs import OutputError
+from runtime.errors import device_out_of_memory, first_line
+from runtime.outputs import OutputError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def share(tasks, size, ranks):
 
 @dataclasses.dataclass
 class Settings:
-    """What the per-file loop needs from the CLI."""
+    """What the per-file loop needs from the command (runtime.app builds it from the flags)."""
     outdir: str
     params: dict            # process() keyword arguments except the image and the seed
     batch_size: int = 1
@@ -261,10 +262,11 @@ def _record(task, rank, outputs=(), seconds=0.0, error=None):
 
 def _reason(e, expected, path=None):
     if isinstance(e, expected):
-        msg = str(e)   # "path: reason" -> "reason": the record names the path already
-        return msg[len(path) + 2:] if path and msg.startswith(f"{path}: ") else msg
-    import torch
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        # "path: reason" -> "reason": the record names the path already (the message shows the
+        # path as outputs.shown does: escaped where it is not printable UTF-8)
+        msg, prefix = str(e), f"{shown(path)}: " if path else None
+        return msg[len(prefix):] if prefix and msg.startswith(prefix) else msg
+    if isinstance(e, (MemoryError, device_out_of_memory())):
         return "out of memory: try a lower --image-resolution, fewer --num-samples or a smaller " \
                "--batch-size"
     return f"{type(e).__name__}: {e}"
@@ -406,7 +408,6 @@ class _Reporter:
             self.bar = tqdm(total=total, desc="canny2image", unit="file", file=sys.stderr)
 
     def add(self, record):
-        from runtime.outputs import shown
         self.records[record["index"]] = record
         self.last_news = time.monotonic()
         where = f" (rank {record['rank']})" if self.parts else ""
@@ -473,15 +474,10 @@ def _store(ranks, timeout):
     except Exception as e:   # DistStoreError, RuntimeError: a timeout or a refused connection
         raise JobError(f"rank {ranks.rank} on {socket.gethostname()} cannot reach the job's "
                        f"store at {addr}:{port} within --rendezvous-timeout {timeout:g} s "
-                       f"({_first_line(e)})") from None
+                       f"({first_line(e)})") from None
     run = (os.environ.get("TORCHELASTIC_RUN_ID", "run"),
            os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return PrefixStore("canny2image/{}/{}/".format(*run), store)
-
-
-def _first_line(e):
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _wait_keys(store, keys, timeout):
@@ -541,7 +537,7 @@ def start(ranks, outdir, make_plan, rendezvous_timeout=RENDEZVOUS_TIMEOUT_S):
         if isinstance(e, JobError):
             raise
         raise JobError(f"rank {ranks.rank}: lost the job's store before rank 0 sent the plan "
-                       f"({_first_line(e)})") from None
+                       f"({first_line(e)})") from None
     if "error" in msg:
         raise JobError(msg["error"])
     parts = msg["parts"]

@@ -46,7 +46,7 @@ import warnings
 import numpy as np
 
 from ldm.util import special_file
-from runtime.errors import InputError
+from runtime.errors import InputError, first_line
 from runtime.seed import MAX_SEED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +134,7 @@ def pil_to_array(image):
     try:
         return _to_rgb8(image)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"the image data is truncated or corrupt ({_first_line(e)}); "
+        raise InputError(f"the image data is truncated or corrupt ({first_line(e)}); "
                          f"re-save it as PNG or JPEG") from None
 
 
@@ -151,11 +151,6 @@ def _to_rgb8(image):
         gray = (np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     return np.asarray(image.convert("RGB"))
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def _integer(name, value, low, high):

@@ -266,3 +266,16 @@ def test_a_failed_batch_runs_its_files_one_at_a_time(tmp_path):
     assert [r["error"] for r in records] == [None, records[1]["error"], None]
     assert records[1]["error"].startswith("out of memory")
     assert len(written) == 4
+
+
+def test_a_failed_record_keeps_the_reason_only_also_for_an_escaped_file_name(tmp_path):
+    """The record names the file already: its error is the reason without the path, also where
+    the message shows the path escaped (a control character in the name)."""
+    from runtime import app
+    bad = tmp_path / "a\x1b.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(app.AppError) as raised:
+        app.read_image(str(bad))
+    assert "\x1b" not in str(raised.value)          # the message escapes the name
+    assert folder_job._reason(raised.value, (app.AppError,), str(bad)) == \
+        "not an image that can be read (use PNG or JPEG)"
