@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 
 import torch
 
@@ -57,3 +58,34 @@ def gradio_result(url, event_id, timeout):
             elif line.startswith("data: ") and event in ("error", "complete"):
                 return event, json.loads(line[len("data: "):])
     raise AssertionError("the event stream ended without a result")
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 that is free now (another process may take it before it is used)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_demo(demo):
+    """gradio_canny2image.launch(demo) on a free 127.0.0.1 port, in the background: its URL. A
+    port that another process took between the probe and the bind is replaced by another."""
+    import gradio_canny2image as app
+    for attempt in range(5):
+        try:
+            return app.launch(demo, server_port=free_port(), prevent_thread_lock=True,
+                              quiet=True)[1]
+        except OSError:
+            if attempt == 4:
+                raise
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """PIL refuses to decode pixel data (runtime.inputs.read_image decodes with PIL): a check
+    that must happen on the header alone."""
+    import PIL.ImageFile
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the image was decoded")
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", refuse)

@@ -5,7 +5,6 @@ message, never a traceback, and the server must keep serving), and two requests 
 import json
 import math
 import os
-import socket
 import sys
 import threading
 
@@ -14,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import gradio_result
+from conftest import free_port, gradio_result, launch_demo
 
 # The demo is a script at the repo root, not part of the installed packages.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,11 +37,6 @@ DEFAULTS = dict(prompt="a house", a_prompt=app.A_PROMPT, n_prompt=app.N_PROMPT, 
                 seed=12345, eta=0.0, low_threshold=100, high_threshold=200)
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch_tiny(banner=None):
     """The demo with the tiny random-weights model, on a free 127.0.0.1 port: (demo, url)."""
@@ -51,14 +45,7 @@ def launch_tiny(banner=None):
 
     model = build_model(CONFIG_TINY, random_weights=True, device="cpu", seed=0)
     demo = app.create_demo(Canny2Image(model, mode="reference"), banner=banner)
-    for attempt in range(5):     # another process may take the port between probe and bind
-        try:
-            _, url, _ = app.launch(demo, server_port=_free_port(), prevent_thread_lock=True,
-                                   quiet=True)
-            return demo, url
-        except OSError:
-            if attempt == 4:
-                raise
+    return demo, launch_demo(demo)
 
 
 @pytest.fixture(scope="module")
@@ -403,7 +390,7 @@ def test_command_line_smoke_run(tmp_path):
     import subprocess
     import time
 
-    port = _free_port()
+    port = free_port()
     script = os.path.join(os.path.dirname(app.__file__), "gradio_canny2image.py")
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log_file:
@@ -439,7 +426,7 @@ def test_one_worker_per_pipeline(images):
             return [input_image]
 
     demo = app.create_demo([_Meeting(), _Meeting()])
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(),
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(),
                             prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, verbose=False)

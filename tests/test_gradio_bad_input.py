@@ -23,7 +23,7 @@ import PIL.ImageFile
 import PIL.ImageOps
 import pytest
 from PIL import Image
-from conftest import gradio_result
+from conftest import gradio_result, launch_demo
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,28 +43,13 @@ VALUES = dict(prompt="a box", a_prompt=inputs.A_PROMPT, n_prompt=inputs.N_PROMPT
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(app.__file__)), "gradio_canny2image.py")
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(demo):
-    for attempt in range(5):     # another process may take the port between probe and bind
-        try:
-            return app.launch(demo, server_port=_free_port(), prevent_thread_lock=True,
-                              quiet=True)[1]
-        except OSError:
-            if attempt == 4:
-                raise
-
 
 @pytest.fixture(scope="module")
 def url():
     from runtime.app import build_pipeline
 
     demo = app.create_demo(build_pipeline("cpu", tiny=True, mode="reference"))
-    url = _launch(demo)
+    url = launch_demo(demo)
     try:
         yield url
     finally:
@@ -275,14 +260,6 @@ def test_image_must_be_an_upload(url, files, image_server, case, capfd):
 
 # --- files through gradio_client ---------------------------------------------------------------
 
-@pytest.fixture
-def no_decoding(monkeypatch):
-    """PIL refuses to decode pixel data: a check that must happen on the header alone."""
-    def refuse(self, *args, **kwargs):
-        raise AssertionError("the image was decoded")
-    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", refuse)
-
-
 def test_over_the_pixel_limit_is_refused_from_the_header(client, files, no_decoding):
     with pytest.raises(AppError, match=r"The image is too large: 8000x7000 = 56,000,000 pixels, "
                                        r"more than the 50,000,000 \(50 megapixels\) allowed"):
@@ -375,7 +352,7 @@ def test_uploads_are_cleaned_up(files, monkeypatch):
     monkeypatch.setattr(app, "DELETE_CACHE", (1, 1))   # the schedule, fast: every second
     demo = app.create_demo(_Echo())
     assert demo.delete_cache == (1, 1)
-    url = _launch(demo)
+    url = launch_demo(demo)
     try:
         kept = upload(url, files["rgb.png"])["path"]
         assert os.path.exists(kept)

@@ -7,7 +7,6 @@ README's picture, tracked: a plain test run leaves it alone).
 import os
 import re
 import shutil
-import socket
 import sys
 
 import pytest
@@ -18,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)     # the demo is a script at the repo root
 
 import gradio_canny2image as app  # noqa: E402
+from conftest import launch_demo  # noqa: E402
 from runtime.sample import SAMPLE_PROMPT, sample_image  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -34,11 +34,6 @@ _RECORD_GALLERY_TEXTS = """() => {
 }"""
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def url():
@@ -46,14 +41,7 @@ def url():
 
     banner = "Tiny model with random weights (`--tiny`): a smoke test, outputs are noise."
     demo = app.create_demo(build_pipeline("cpu", tiny=True, mode="reference"), banner=banner)
-    for attempt in range(5):     # another process may take the port between probe and bind
-        try:
-            _, local_url, _ = app.launch(demo, server_port=_free_port(),
-                                         prevent_thread_lock=True, quiet=True)
-            break
-        except OSError:
-            if attempt == 4:
-                raise
+    local_url = launch_demo(demo)
     try:
         yield local_url
     finally:

@@ -18,7 +18,8 @@ from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.errors import Cancelled  # noqa: E402
 from runtime.inputs import CONFIG_TINY  # noqa: E402
 from runtime.weights import build_model  # noqa: E402
-from test_gradio_app import DEFAULTS, FAST, ORDER, _free_port  # noqa: E402
+from conftest import free_port, launch_demo  # noqa: E402
+from test_gradio_app import DEFAULTS, FAST, ORDER  # noqa: E402
 
 STEP_SECONDS = 0.3          # each DDIM step made this slow: 100 steps would take 30 s
 LONG = {**DEFAULTS, **FAST, "ddim_steps": 100}
@@ -67,7 +68,7 @@ def served(tmp_path_factory):
     model = build_model(CONFIG_TINY, random_weights=True, device="cpu", seed=0)
     pipeline = SlowPipeline(model)
     demo = app.create_demo(pipeline)
-    _, url, _ = app.launch(demo, server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    url = launch_demo(demo)
     try:
         yield url, pipeline, str(png)
     finally:
@@ -134,7 +135,7 @@ def _start(tmp_path, *argv, user=None):
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
 def test_signals_clean_the_upload_cache_and_exit(tmp_path, signum):
     import signal
-    port = _free_port()
+    port = free_port()
     server = _start(tmp_path, "--port", str(port))
     url = f"http://127.0.0.1:{port}/"
     try:

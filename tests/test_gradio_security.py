@@ -241,7 +241,7 @@ def test_unknown_event_handler_and_component_numbers_are_404(url, capfd):
 def test_allowed_hosts_and_listen_end_to_end(listen):
     """launch(allowed_hosts=...) serves those names too; bound to all addresses, any IP address
     (which no DNS rebinding can fake) but still no other name."""
-    from test_gradio_app import _free_port
+    from conftest import free_port
 
     class Stub:
         def process(self, input_image, *args, **kwargs):
@@ -249,7 +249,7 @@ def test_allowed_hosts_and_listen_end_to_end(listen):
 
     demo = app.create_demo(Stub())
     _, url, _ = app.launch(demo, server_name="0.0.0.0" if listen else "127.0.0.1",
-                           server_port=_free_port(), allowed_hosts=["demo.lan"],
+                           server_port=free_port(), allowed_hosts=["demo.lan"],
                            prevent_thread_lock=True, quiet=True)
     port = _port(url)
     local = f"http://127.0.0.1:{port}/config"

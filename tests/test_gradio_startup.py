@@ -18,7 +18,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 import gradio_canny2image as app  # noqa: E402
 from runtime.inputs import CONFIG_TINY  # noqa: E402
 from runtime.sample import sample_image  # noqa: E402
-from test_gradio_app import DEFAULTS, FAST, ORDER, _free_port  # noqa: E402
+from conftest import launch_demo  # noqa: E402
+from test_gradio_app import DEFAULTS, FAST, ORDER  # noqa: E402
 
 
 class _Gate:
@@ -55,7 +56,7 @@ def _serve(monkeypatch, gate):
     warming = app.WarmUp([pipeline])
     demo = app.create_demo([pipeline], warming=warming)
     warming.start()
-    _, url, _ = app.launch(demo, server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    url = launch_demo(demo)
     return demo, url, warming, calls
 
 

@@ -16,7 +16,6 @@ PACKAGING_TEST_SOURCE=/path/to/another/checkout runs the same tests against that
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import pytest
 from PIL import Image
 
 from scripts.check_outputs import check as check_announced
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 SOURCE = os.path.abspath(os.environ.get("PACKAGING_TEST_SOURCE", REPO))
 # What a source tree may hold that is no part of the package (and can be huge: a venv, weights).
@@ -161,18 +160,13 @@ def test_installed_folder_job_on_two_images(installed, tmp_path):
     assert all(f["error"] is None and len(f["outputs"]) == 2 for f in manifest["files"])
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_installed_demo_serves_and_answers(installed, tmp_path):
     import httpx
     from gradio_client import Client, handle_file
 
     target, env, work = installed
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log = open(tmp_path / "demo.log", "w+")
     demo = subprocess.Popen([_program(installed, "canny2image-demo"), "--tiny", "--no-warmup",

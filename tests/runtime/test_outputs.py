@@ -18,7 +18,7 @@ from PIL import Image
 
 from runtime import folder_job, outputs
 from runtime.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 FLAGS = ["--tiny", "--device", "cpu", "--image-resolution", "64", "--ddim-steps", "1", "--quiet"]
 SAMPLE = "_0_seed12345_random-weights.png"
@@ -347,15 +347,10 @@ def test_folder_with_fifo_socket_device_folder_and_loop_skips_them_unopened(tmp_
     assert manifest["inputs"] == 1 and manifest["failed"] == 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_rendezvous_timeout_names_the_ranks_that_never_came(many, tmp_path):
     env = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     start = time.monotonic()
     proc = _cli(str(many), *FLAGS, "--outdir", str(tmp_path / "out"), "--rendezvous-timeout",
                 "3", env=env)
