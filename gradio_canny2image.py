@@ -56,7 +56,8 @@ from gradio_client.utils import is_http_url_like  # noqa: E402
 
 from cldm.model import DEFAULT_CHECKPOINT, CheckpointError  # noqa: E402
 from runtime import app, web_guard  # noqa: E402
-from runtime.errors import Cancelled, InputError, NonFiniteOutputError  # noqa: E402
+from runtime.errors import (Cancelled, InputError, NonFiniteOutputError,  # noqa: E402
+                            device_out_of_memory)
 from runtime.inputs import (  # noqa: E402
     A_PROMPT, DEFAULT_HIGH_THRESHOLD, DEFAULT_LOW_THRESHOLD, DEFAULT_RESOLUTION, DEFAULT_SCALE,
     DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_UPLOAD_BYTES, MODES, N_PROMPT, check_inputs, pil_to_array,
@@ -68,8 +69,7 @@ CKPT_URL = "https://huggingface.co/lllyasviel/ControlNet/tree/main/models"
 
 TITLE = "## Control Stable Diffusion with Canny Edge Maps"
 OOM_MESSAGE = "Out of GPU memory: try fewer images or a lower resolution"
-# CUDA and HIP; torch < 2.5 has only torch.cuda's (the same class in later versions)
-OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+OUT_OF_MEMORY = device_out_of_memory()
 # Gradio's cache (uploads, results): every 10 minutes, files older than an hour are deleted; all
 # of them when the server stops.
 DELETE_CACHE = (600, 3600)
@@ -364,9 +364,9 @@ PNG_COMPRESS_LEVEL = 1
 _SAVERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="png")   # zlib releases the GIL
 
 
-def save_results(images, folder=None):
+def save_results(images):
     """Write the gallery's images as PNGs into a new folder of Gradio's cache; their paths."""
-    folder = os.path.join(folder or gr.utils.get_upload_folder(), "results", uuid.uuid4().hex)
+    folder = os.path.join(gr.utils.get_upload_folder(), "results", uuid.uuid4().hex)
     os.makedirs(folder)
 
     def save(item):
@@ -413,7 +413,7 @@ class RequestInfos:
             return self._lines.pop(getattr(request, "session_hash", None), "")
 
 
-def warm_up(pipelines, resolution=512, steps=20):
+def warm_up(pipelines):
     """One request of the default shape (512², 1 image, 20 steps) per GPU pipeline, all at once
     (a thread each): kernels compile and graphs are captured now, so the first user request is
     as fast as the second. Pipelines on the CPU have nothing to warm up."""
@@ -423,6 +423,7 @@ def warm_up(pipelines, resolution=512, steps=20):
     if not todo:
         return 0.0
     start = time.perf_counter()
+    resolution, steps = DEFAULT_RESOLUTION, DEFAULT_STEPS
     image = sample_image(resolution, resolution)
     log.info("warming up %d pipeline(s): %dx%d, 1 image, %d steps (compiles kernels, captures "
              "graphs) ...", len(todo), resolution, resolution, steps)
@@ -437,8 +438,9 @@ def warm_up(pipelines, resolution=512, steps=20):
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
             pipeline.process(image, prompt="", a_prompt=A_PROMPT, n_prompt=N_PROMPT,
                              num_samples=1, image_resolution=resolution, ddim_steps=steps,
-                             guess_mode=False, strength=1.0, scale=9.0, seed=0, eta=0.0,
-                             low_threshold=100, high_threshold=200, progress=progress)
+                             guess_mode=False, strength=DEFAULT_STRENGTH, scale=DEFAULT_SCALE,
+                             seed=0, eta=0.0, low_threshold=DEFAULT_LOW_THRESHOLD,
+                             high_threshold=DEFAULT_HIGH_THRESHOLD, progress=progress)
     with ThreadPoolExecutor(max_workers=len(todo)) as pool:
         list(pool.map(one, todo))
     seconds = time.perf_counter() - start
@@ -575,9 +577,9 @@ def launch(demo, server_name="127.0.0.1", server_port=7860, allowed_hosts=(), sh
     hosts = [*allowed_hosts, server_name] + ([".gradio.live"] if share else [])
     guard = web_guard.install(hosts=hosts, any_ip=server_name in web_guard.ANY_ADDRESS,
                               max_body=MAX_REQUEST_BYTES, max_files=MAX_REQUEST_FILES,
-                              check=lambda app, scope: unknown_route(app.get_blocks(), scope),
-                              body_check=lambda app, scope, body: unknown_handler(
-                                  app.get_blocks(), scope, body),
+                              check=lambda asgi, scope: unknown_route(asgi.get_blocks(), scope),
+                              body_check=lambda asgi, scope, body: unknown_handler(
+                                  asgi.get_blocks(), scope, body),
                               body_paths=["/gradio_api/queue/join",
                                           "/gradio_api/component_server",
                                           "/gradio_api/component_server/"])
@@ -680,8 +682,8 @@ def _port(text):
 
 def _devices(spec):
     """The devices to serve on (one pipeline each) for --device, or SystemExit with one line."""
-    if spec == "auto" and not torch.cuda.is_available():
-        return ["cpu"]
+    if spec == "auto" and app.pick_device("auto").type != "cuda":
+        return [str(app.pick_device("auto"))]      # as the command line picks
     if spec in ("auto", "cuda"):
         if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
             raise SystemExit("error: --device cuda: no GPU is visible to torch")
@@ -786,7 +788,7 @@ def main(argv=None):
     try:
         launch(demo, server_name=host, server_port=args.port, share=args.share,
                allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()])
-    except OSError as e:          # e.g. the port is taken
+    except OSError as e:          # e.g. the port was taken after check_port
         raise SystemExit(f"error: {e}") from None
 
 

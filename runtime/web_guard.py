@@ -9,8 +9,10 @@
 * Body: at most `max_body` bytes per request (413), at most `max_files` files per multipart
   request (413), and a multipart body must say its length (411).
 
-Every refusal is one line of text/plain. `install(guard)` returns a FastAPI lifespan that puts the
-guard outermost once the app has built its middleware (before the first request is served).
+Every refusal is one line of text/plain. `install(check, body_check, **guard_kwargs)` returns a
+FastAPI lifespan that puts the guard outermost once the app has built its middleware (before the
+first request is served); `check` and `body_check` are its last checks (the demo's 404s for
+unknown routes and handlers).
 """
 import ipaddress
 from contextlib import asynccontextmanager
@@ -236,8 +238,8 @@ async def _respond(send, status, message):
 def install(check=None, body_check=None, **guard_kwargs):
     """A FastAPI lifespan (for gr.Blocks.launch(app_kwargs={"lifespan": ...})) that puts a
     WebGuard(**guard_kwargs) in front of the app's whole middleware stack, with `check(app,
-    scope)` and `body_check(app, scope, body)` as its last checks. The lifespan runs once the stack is built and before the server
-    accepts its first request."""
+    scope)` and `body_check(app, scope, body)` as its last checks. The lifespan runs once the
+    stack is built and before the server accepts its first request."""
     @asynccontextmanager
     async def lifespan(app):
         if not isinstance(app.middleware_stack, WebGuard):

@@ -44,6 +44,8 @@ HOST_BUILT = ("model", "control_model", "first_stage_model")
 def host_children(mode, device):
     """What build_model should create in host memory for a pipeline of `mode` on `device`."""
     return HOST_BUILT if mode == "fast" and torch.device(device).type != "cpu" else ()
+
+
 _OWNER = "_fast_mode_owner"  # plain attribute on the ControlLDM: never in its state_dict
 
 
