@@ -1,4 +1,4 @@
-"""The UNet/ControlNet convolutions of one fast-mode step, each timed four ways at its real shape.
+"""The UNet/ControlNet convolutions of one fast-mode step, each timed three ways at its real shape.
 
     python benchmarks/bench_small_convs.py --sizes 256 512 --out DIR      # on a GPU
 
@@ -6,7 +6,8 @@ The shapes are recorded from one eager step of fast mode (full-size model, seede
 batch 1 = CFG batch 2) by wrapping torch.nn.functional.conv2d, so they are exactly the calls the
 step makes (the fusions' bias-free convolutions included), with how often each occurs. Each
 distinct 3x3 shape is then timed (median of a replayed CUDA graph, triton.testing) as:
-  cudnn_cl     F.conv2d on channels_last input and weight (what fast mode runs; cudnn.benchmark on)
+  cudnn_cl     F.conv2d on channels_last input and weight (what fast mode runs, with its cudnn.benchmark
+               setting: off since commit bc7533f, on when small_convs_h200 was measured)
   cudnn_nchw   F.conv2d on NCHW input and weight (the conversions not counted)
   gemm         kernels.conv.conv2d_gemm: im2col of the channels_last map (one copy) + one cuBLAS
                GEMM against the weight's [Cout, 9·Cin] view (no copy of the weight)
@@ -95,15 +96,15 @@ def main():
     from runtime.fast import FastOptions, FastRunner
     from runtime.app import make_model
 
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = FastOptions().cudnn_benchmark     # as fast mode runs
     model = make_model("cuda", random_weights=True)
     runner = FastRunner(model, FastOptions(fusions=()))  # unfused: every conv with its bias
     shapes = {s: record_shapes(runner, s) for s in args.sizes}
     runner.close()
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = FastOptions().cudnn_benchmark
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "cudnn": torch.backends.cudnn.version(), "sizes": {}}
-    md = [f"# Convolutions of one fast-mode step, four ways — {res['device']}", "",
+    md = [f"# Convolutions of one fast-mode step, three ways — {res['device']}", "",
           f"torch {res['torch']}, cuDNN {res['cudnn']}; `python benchmarks/bench_small_convs.py "
           f"{' '.join(sys.argv[1:])}`; µs = median of a replayed CUDA graph; err = max |diff| / "
           "max |fp32 ref|.", ""]
