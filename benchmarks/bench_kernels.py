@@ -45,7 +45,7 @@ MODE = {"graph": True}
 
 
 def bench(fn):
-    """Median ms. Replayed as a CUDA graph by default (as runtime/fast.py runs the model), so
+    """Median ms. Replayed as a CUDA graph by default (as runtime/fast/graphs.py runs the model), so
     host launch overhead (~20-50 us per Triton launch from Python) is not what gets measured;
     --no-graph times eager launches with do_bench instead."""
     fn()  # compile / warm up outside the timing

@@ -20,7 +20,7 @@ def plot(path):
     rows = [r for r in data["rows"] if "error" not in r and r.get("size")]
     # the ablation's order, whatever order the rows were run in
     order = ["reference", "fp16", "+kernels", "+batched_cfg", "+precompute", "+channels_last",
-             "+cuda_graph", "+fusions", "compile"]
+             "+cuda_graph", "+fusions", "+conv_gemm", "compile"]
     names = sorted(dict.fromkeys(r["row"] for r in rows),
                    key=lambda n: order.index(n) if n in order else len(order))
     sizes = sorted({r["size"] for r in rows})

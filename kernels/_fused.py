@@ -31,9 +31,9 @@ counted; `strict=True` raises instead.
   MAX_HW 0 run cuDNN (counted "unfused"). Not a default fusion: +89 kernels a step at 256² for
   -0.11 ms of GPU time (platform.py has the numbers); a one-kernel split-K convolution is the
   real fix for these maps.
-* skip_cat has no site here: fast mode's decoder (runtime/fast.py) calls kernels.residual's
+* skip_cat has no site here: fast mode's decoder (runtime/fast/split.py) calls kernels.residual's
   skip_cat through `handle.run("skip_cat", ...)` when the handle lists it.
-Measured on the H200 (benchmarks/results/fusions_h200.md): all six take a 512² step from 1150 to
+Measured on the H200 (benchmarks/results/fusions_h200.md): the six defaults take a 512² step from 1150 to
 849 kernels and the 20-step graph loop from 189 to 163 ms.
 """
 

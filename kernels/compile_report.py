@@ -171,7 +171,7 @@ def _gpu_conv_layout():
 
 
 def build_model(channels_last=True):
-    """The full-size ControlLDM on the meta device as fast mode prepares it (runtime/fast.py):
+    """The full-size ControlLDM on the meta device as fast mode prepares it (runtime/fast/nets.py):
     fp16 with GroupNorm32's affine parameters in fp32, UNet + ControlNet channels_last (fast mode's
     default), VAE NCHW, eval. Shapes and strides only, no memory."""
     from cldm.model import create_model

@@ -54,7 +54,7 @@ KERNELS = ("attention", "group_norm", "layer_norm", "geglu", "silu")
 TORCH_SITES = ("sdpa", "cross_kv")  # counted like kernels; need no Triton
 # Block-level fusions (kernels/_fused.py says what each does). DEFAULT_FUSIONS: those measured
 # faster on the H200 (benchmarks/results/fusions_h200.md); `fusions=None` means these.
-# "skip_cat" has no patch site: fast mode's decoder (runtime/fast.py) calls kernels.residual's
+# "skip_cat" has no patch site: fast mode's decoder (runtime/fast/split.py) calls kernels.residual's
 # skip_cat through handle.run when the handle lists it.
 FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias",
            "skip_cat", "conv_gemm")

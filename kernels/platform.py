@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "triton_available", "is_interpreter", "is_hip", "gpu_available", "arch", "warp_size",
     "max_num_warps", "num_sms", "kernels_usable", "launch_options", "config", "Target", "TARGETS",
-    "as_target", "current_target", "fp32_dot_ok", "attention_backend",
+    "as_target", "fp32_dot_ok", "attention_backend",
 ]
 
 
@@ -70,11 +70,6 @@ def as_target(name: str):
         yield _STANDIN
     finally:
         _STANDIN = prev
-
-
-def current_target() -> Target | None:
-    """The stand-in target of an active `as_target` block, else None."""
-    return _STANDIN
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-"""Fast mode (runtime/fast.py) against the reference numerics, on the tiny model.
+"""Fast mode (runtime/fast/) against the reference numerics, on the tiny model.
 
 On CPU the fast-mode logic runs in fp32 (FastOptions.for_device("cpu")), so every comparison with
 the reference path is tight; the GPU tests compare graph replay with eager and fp16 with fp32.
