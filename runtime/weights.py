@@ -219,7 +219,9 @@ def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, dev
                 dtype=None, host_children=(), on_phase=None):
     """ControlLDM in eval mode on `device`, with the weights of `ckpt` or seeded random weights.
 
-    Neither given: uses ./models/control_sd15_canny.pth when it exists, else raises CheckpointError.
+    Neither given: the default checkpoint runtime.app.find_checkpoint finds (models/
+    control_sd15_canny.pth or .safetensors, in the working folder or the checkout), else
+    CheckpointError.
     `model.random_weights` says which kind of weights the model has.
 
     The parameters are built on the meta device and each one is created straight on its device
@@ -235,10 +237,11 @@ def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, dev
     if ckpt is not None and random_weights:
         raise ValueError("pass either a checkpoint or random_weights=True, not both")
     if ckpt is None and not random_weights:
-        if not os.path.isfile(DEFAULT_CHECKPOINT):
+        from runtime.app import find_checkpoint      # the one default-checkpoint rule
+        ckpt = find_checkpoint()
+        if ckpt is None:
             raise CheckpointError(missing_checkpoint_message(DEFAULT_CHECKPOINT)
                                   + " To try the pipeline without it, pass --random-weights.")
-        ckpt = DEFAULT_CHECKPOINT
     phase = on_phase or (lambda name: None)
     with _parameters_on_meta():
         model = create_model(config_path)

@@ -109,6 +109,19 @@ def test_missing_file_says_what_to_download_and_where(tmp_path, monkeypatch):
         build_model(TINY_CONFIG)
 
 
+def test_default_checkpoint_found_by_the_command_line_rule(tmp_path, tiny_state_dict,
+                                                          monkeypatch):
+    """build_model() with neither a checkpoint nor random weights loads the default checkpoint
+    that runtime.app.find_checkpoint finds: the .safetensors one too."""
+    (tmp_path / "models").mkdir()
+    safetensors.torch.save_file(tiny_state_dict,
+                                str(tmp_path / "models" / "control_sd15_canny.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    model = build_model(TINY_CONFIG)
+    assert model.random_weights is False
+    assert_same_tensors(model, tiny_state_dict)
+
+
 @pytest.mark.parametrize("name", ["ckpt.pth", "ckpt.safetensors"])
 def test_truncated_file(tmp_path, tiny_state_dict, name):
     path = str(tmp_path / name)
