@@ -682,9 +682,7 @@ def _port(text):
 
 def _devices(spec):
     """The devices to serve on (one pipeline each) for --device, or SystemExit with one line."""
-    if spec == "auto" and app.pick_device("auto").type != "cuda":
-        return [str(app.pick_device("auto"))]      # as the command line picks
-    if spec in ("auto", "cuda"):
+    if spec == "cuda" or (spec == "auto" and torch.cuda.is_available()):   # every GPU
         if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
             raise SystemExit("error: --device cuda: no GPU is visible to torch")
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]

@@ -611,7 +611,6 @@ def run(plan, parts_dir, pipeline, settings, ranks, *, read, expected, say,
 
 def failure_message(records, outdir):
     """One line naming the failed files, or None."""
-    from runtime.outputs import shown
     failed = [r for r in records if r["error"]]
     if not failed:
         return None
