@@ -457,9 +457,11 @@ class WarmUp:
     for `done` (the pipeline pool checks it) and the page says so until then. A failed warm-up is
     logged and requests run without it (they then pay the compilation themselves)."""
 
-    def __init__(self, pipelines):
+    def __init__(self, pipelines, precompiling=None):
+        """`precompiling`: app.start_precompile's handle, waited for before the warm-up."""
         self.done = threading.Event()
         self.seconds = None
+        self._precompiling = precompiling
         self._thread = threading.Thread(target=self._run, args=(pipelines,), name="warm-up",
                                         daemon=True)
 
@@ -469,6 +471,8 @@ class WarmUp:
 
     def _run(self, pipelines):
         try:
+            if self._precompiling is not None:
+                log.info("%s", self._precompiling.wait())
             self.seconds = warm_up(pipelines)
         except Exception:
             log.exception("warm-up failed: requests run without it")
@@ -693,8 +697,10 @@ def _devices(spec):
 
 
 def build_pipelines(args):
-    """The pipelines (one per device, built by runtime/app.py) and the banner to show, from the
-    parsed flags. Without a checkpoint the demo still starts, on random weights."""
+    """(pipelines, banner, precompiling): the pipelines (one per device, built by runtime/app.py),
+    the banner to show, and fast mode's kernel precompile for the warm-up's shape, started before
+    the build (app.start_precompile; None if none), from the parsed flags. Without a checkpoint
+    the demo still starts, on random weights."""
     devices = _devices(args.device)
     on_gpu = devices[0].startswith("cuda")
     mode = args.mode or app.default_mode(devices[0])
@@ -716,6 +722,8 @@ def build_pipelines(args):
             log.warning("no checkpoint at %s: starting with random weights (images are noise). "
                         "Download it from %s", DEFAULT_CHECKPOINT, CKPT_URL)
 
+    precompiling = app.start_precompile(devices[0], mode, (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION, 1),
+                                        tiny=args.tiny)
     pipelines = []
     for device in devices:
         log.info("building the %s model on %s (%s)", "tiny" if args.tiny else "full-size",
@@ -724,7 +732,7 @@ def build_pipelines(args):
                                             random_weights=random_weights,
                                             low_vram=args.low_vram))
     log.info("mode: %s, %d queue worker(s)", pipelines[0].mode, len(pipelines))
-    return pipelines, banner
+    return pipelines, banner, precompiling
 
 
 def check_port(host, port):
@@ -772,14 +780,14 @@ def main(argv=None):
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     check_port(host, args.port)                   # at once, not after the model is built
     try:
-        pipelines, banner = build_pipelines(args)
+        pipelines, banner, precompiling = build_pipelines(args)
     except (app.AppError, InputError) as e:
         raise SystemExit(f"error: {e}") from None
     except OUT_OF_MEMORY:
         raise SystemExit("error: out of GPU memory while loading the model") from None
     clean_on_exit(own_cache_folder())             # before the page: Gradio reads it then
     # The page is served at once; the warm-up runs behind it (requests wait for it).
-    warming = None if args.no_warmup else WarmUp(pipelines)
+    warming = None if args.no_warmup else WarmUp(pipelines, precompiling)
     demo = create_demo(pipelines, banner=banner, warming=warming)
     if warming is not None:
         warming.start()

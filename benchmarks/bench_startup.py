@@ -20,7 +20,10 @@ handling), and reports:
     (reference vs reference low-VRAM; a cold vs a warm launch).
 
 Launches: the device's default mode twice with one Triton cache folder, empty before the first
-("cold") and filled by it for the second ("warm", i.e. a second launch); then the other modes.
+("cold") and filled by it for the second ("warm", i.e. a second launch); with --precompile-ab a
+cold launch without the kernel precompile (kernels/precompile.py) in a fresh cache folder; then
+the other modes. Fast mode launches precompile as the CLI does (a child process compiles the
+kernels while the model is built; "waiting for the kernel precompile" is what remains of it).
 Modes: reference, fast, fast low-VRAM, reference low-VRAM (fast ones only on a GPU), at --size²
 with each of --batches. Input: runtime.sample's picture; seeded random weights (timings do not
 depend on their values). Results: startup_<tag>.json and startup_<tag>.md under --out, with
@@ -149,12 +152,20 @@ def child(spec):
     if mode == "fast" and spec.get("cudnn_benchmark") is not None:
         options = FastOptions.for_device(spec["device"], cudnn_benchmark=spec["cudnn_benchmark"])
     start = time.perf_counter()
+    pre = None
+    if spec.get("precompile", True):   # as the CLI does: kernels compile while the model builds
+        from runtime import app
+        pre = app.start_precompile(spec["device"], mode, (spec["size"], spec["size"],
+                                                          spec["batches"][0]), tiny=spec["tiny"])
     lowvram.configure(spec["mode"].endswith("lowvram"))
     model = build_model(CONFIG_TINY if spec["tiny"] else CONFIG_FULL, ckpt=spec.get("ckpt"),
                         random_weights=spec.get("ckpt") is None, device=spec["device"], seed=0,
                         host_children=host_children(mode, spec["device"]), on_phase=phase)
     pipe = Canny2Image(model, mode=mode, options=options)
     phase("fast_convert" if mode == "fast" else "pipeline")
+    if pre is not None:
+        record["precompile"] = pre.wait()
+        phase("precompile")
     record["build_s"] = time.perf_counter() - start
     record["built_s"] = time.time() - spawned
     record["after_build_gib"] = phases[list(phases)[-1]].get("held_gib")
@@ -231,7 +242,10 @@ def environment(args):
 
 
 def launch(spec, triton_cache, timeout):
-    """One fresh process for `spec`; its record, or an error."""
+    """One fresh process for `spec`; its record, or an error. spec["fresh_cache"]: an empty
+    Triton cache folder of its own (in `triton_cache`) instead of `triton_cache` itself."""
+    if spec.get("fresh_cache"):
+        triton_cache = tempfile.mkdtemp(prefix="fresh_", dir=triton_cache)
     env = dict(os.environ, TRITON_CACHE_DIR=triton_cache, BENCH_SPAWN_TIME=repr(time.time()),
                PYTHONUNBUFFERED="1")
     command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
@@ -263,6 +277,9 @@ def plan(args, checkpoints=None):
         return dict(base, mode=mode, batches=batches, repeats=repeats, **extra)
     yield "cold", spec(first, args.batches)
     yield "warm", spec(first, args.batches)    # a second launch: every batch's first request
+    if args.precompile_ab and first.startswith("fast"):   # cold again, compiling on first use
+        yield "cold", spec(first, args.batches[:1], precompile=False, fresh_cache=True,
+                           variant="no precompile")
     if args.cudnn_ab and first.startswith("fast"):
         from runtime.fast import FastOptions
         flipped = not FastOptions().cudnn_benchmark
@@ -314,7 +331,7 @@ def compare(records):
                                "identical": digest == found[(b, batch)]})
     by_variant = [r for r in records if "rows" in r]
     for r in by_variant:
-        if r.get("variant", "").startswith("cudnn"):
+        if r.get("variant", "").startswith(("cudnn", "no precompile")):
             base = next((b for b in by_variant if b["mode"] == r["mode"] and b["launch"] == "warm"
                          and not b.get("variant")), None)
             if base:
@@ -343,7 +360,7 @@ def label(record):
 
 PHASES = (("imports", "interpreter + imports"), ("construct", "model build (meta)"),
           ("weights", "weights"), ("fast_convert", "fp16 + transfer + patch"),
-          ("pipeline", "pipeline"))
+          ("precompile", "waiting for the kernel precompile"), ("pipeline", "pipeline"))
 
 
 def phase_table(records, f):
@@ -455,6 +472,9 @@ def parse_args(argv=None):
     ap.add_argument("--timeout", type=int, default=240, help="seconds per launch")
     ap.add_argument("--cudnn-ab", action="store_true",
                     help="one more warm launch of the default mode with cudnn.benchmark flipped")
+    ap.add_argument("--precompile-ab", action="store_true",
+                    help="one more cold launch of fast mode without the kernel precompile "
+                         "(kernels compile on first use, as before it)")
     ap.add_argument("--checkpoints", action="store_true",
                     help="write synthetic checkpoints (.pth as upstream's, .safetensors) of the "
                          "model's full size and time launches that load them")

@@ -19,7 +19,8 @@ Writes compile_report.json and compile_report.md. tests/kernels/test_compile_gat
 gate built on it. A warm TRITON_CACHE_DIR makes a rerun take seconds.
 
 Triton internals used (JITFunction.run / params / signature / _pack_args and
-runtime.jit.create_function_from_signature): checked on Triton 3.8, see TRITON_VERIFIED.
+runtime.jit.create_function_from_signature): checked on Triton 3.8 (the release torch 2.14 pins)
+and 3.6 (the GPU machine's: same signatures, read in its jit.py), see TRITON_VERIFIED.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FULL = os.path.join(REPO, "models", "cldm_v15.yaml")
 HOTSPOTS = os.path.join(REPO, "tests", "data", "hotspots_512.json")
 # Releases whose internals (above) this module was checked against; others: refuse clearly.
-TRITON_VERIFIED = ((3, 8),)
+TRITON_VERIFIED = ((3, 6), (3, 8))
 
 
 def triton_version_ok() -> tuple[bool, str]:
@@ -170,13 +171,13 @@ def _gpu_conv_layout():
         torch.nn.functional.conv2d = orig
 
 
-def build_model(channels_last=True):
-    """The full-size ControlLDM on the meta device as fast mode prepares it (runtime/fast/nets.py):
-    fp16 with GroupNorm32's affine parameters in fp32, UNet + ControlNet channels_last (fast mode's
-    default), VAE NCHW, eval. Shapes and strides only, no memory."""
+def build_model(channels_last=True, config=CONFIG_FULL):
+    """The ControlLDM of `config` (default: full size) on the meta device as fast mode prepares it
+    (runtime/fast/nets.py): fp16 with GroupNorm32's affine parameters in fp32, UNet + ControlNet
+    channels_last (fast mode's default), VAE NCHW, eval. Shapes and strides only, no memory."""
     from cldm.model import create_model
     with torch.device("meta"):
-        model = create_model(CONFIG_FULL)
+        model = create_model(config)
     model = model.half().eval().requires_grad_(False)
     for net in (model.model.diffusion_model, model.control_model):
         net.dtype = torch.float16  # what upstream's use_fp16 sets: blocks run in fp16
@@ -188,13 +189,16 @@ def build_model(channels_last=True):
     return model
 
 
-def record(target_name: str, model=None, batches=(1, 2), size=512, channels_last=True) -> list[Launch]:
-    """Every distinct launch of one denoising step (each CFG batch), a VAE decode and a CLIP
-    forward, as the launchers would make them on `target_name`."""
+def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
+           decode_batch=1) -> list[Launch]:
+    """Every distinct launch of one denoising step (each model batch in `batches`), a CLIP forward
+    (same batches) and a VAE decode (`decode_batch`), as the launchers would make them on
+    `target` (a TARGETS name or a platform.Target) for images of `size` (a side, or (H, W))."""
     import kernels
     model = build_model(channels_last) if model is None else model
     sink, site = [], ["?"]
-    lat = size // 8
+    height, width = (size, size) if isinstance(size, int) else size
+    lat_h, lat_w = height // 8, width // 8
     hooks = []
     # The decoder's skip concatenations: fast mode's decoder (not the model's forward) calls the
     # "skip_cat" fusion, so its launches are made here, at the shapes the UNet forward shows.
@@ -202,15 +206,16 @@ def record(target_name: str, model=None, batches=(1, 2), size=512, channels_last
     skips, cats = [], []
     hooks += [b.register_forward_hook(lambda m, i, o: skips.append(o)) for b in unet.input_blocks]
     hooks += [b.register_forward_pre_hook(lambda m, i: cats.append(i[0])) for b in unet.output_blocks]
-    with platform.as_target(target_name) as t, _recording(t, sink, site), _gpu_conv_layout(), \
+    with platform.as_target(target) as t, _recording(t, sink, site), _gpu_conv_layout(), \
             torch.no_grad():
         handle = kernels.patch(model, strict=True)  # a fallback would hide a launch: raise
         try:
             for B in batches:
                 meta = dict(device="meta")
                 fmt = dict(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-                x = torch.empty(B, 4, lat, lat, dtype=torch.float16, **meta, **fmt)
-                cond = {"c_concat": [torch.empty(B, 3, size, size, dtype=torch.float16, **meta, **fmt)],
+                x = torch.empty(B, 4, lat_h, lat_w, dtype=torch.float16, **meta, **fmt)
+                cond = {"c_concat": [torch.empty(B, 3, height, width, dtype=torch.float16, **meta,
+                                                 **fmt)],
                         "c_crossattn": [torch.empty(B, 77, 768, dtype=torch.float16, **meta)]}
                 site[0] = f"unet+control B{B}"
                 skips.clear()
@@ -227,8 +232,9 @@ def record(target_name: str, model=None, batches=(1, 2), size=512, channels_last
                         skip_cat(h, skip, torch.empty_like(skip), scale)
                 site[0] = f"clip B{B}"
                 model.cond_stage_model.transformer(input_ids=torch.zeros(B, 77, dtype=torch.long, **meta))
-            site[0] = "vae decode B1"
-            model.decode_first_stage(torch.empty(1, 4, lat, lat, dtype=torch.float16, device="meta"))
+            site[0] = f"vae decode B{decode_batch}"
+            model.decode_first_stage(torch.empty(decode_batch, 4, lat_h, lat_w, dtype=torch.float16,
+                                                 device="meta"))
         finally:
             handle.undo()
             for h in hooks:

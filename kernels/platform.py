@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "triton_available", "is_interpreter", "is_hip", "gpu_available", "arch", "warp_size",
     "max_num_warps", "num_sms", "kernels_usable", "launch_options", "config", "Target", "TARGETS",
-    "as_target", "fp32_dot_ok", "attention_backend",
+    "as_target", "device_target", "fp32_dot_ok", "attention_backend",
 ]
 
 
@@ -61,15 +61,30 @@ _STANDIN: Target | None = None  # set by as_target()
 
 
 @contextlib.contextmanager
-def as_target(name: str):
-    """Inside the block every query answers as for TARGETS[name], and meta tensors are 'on the
-    device'. For recording launches (kernels.compile_report); not thread-safe, not for runtime."""
+def as_target(target: str | Target):
+    """Inside the block every query answers as for `target` (a TARGETS name or a Target, e.g.
+    device_target()), and meta tensors are 'on the device'. For recording launches
+    (kernels.compile_report, kernels.precompile); not thread-safe, not for runtime."""
     global _STANDIN
-    prev, _STANDIN = _STANDIN, TARGETS[name]
+    prev, _STANDIN = _STANDIN, TARGETS[target] if isinstance(target, str) else target
     try:
         yield _STANDIN
     finally:
         _STANDIN = prev
+
+
+def device_target(index: int | None = None) -> Target:
+    """The Target of a real GPU (default: the current one), as its properties describe it; its
+    name is its arch ('sm_89', 'gfx1100'). What kernels.precompile records and compiles for."""
+    index = torch.cuda.current_device() if index is None else index
+    props = torch.cuda.get_device_properties(index)
+    if _torch_is_hip():
+        arch_name = getattr(props, "gcnArchName", "gfx").split(":")[0]
+        ws = int(getattr(props, "warp_size", 0) or (64 if arch_name.startswith("gfx9") else 32))
+        return Target(arch_name, "hip", arch_name, arch_name, ws, props.multi_processor_count)
+    cc = props.major * 10 + props.minor
+    return Target(f"sm_{cc}", "cuda", f"sm_{cc}", cc, int(getattr(props, "warp_size", 0) or 32),
+                  props.multi_processor_count)
 
 
 @functools.lru_cache(maxsize=None)

@@ -154,6 +154,17 @@ def build_pipeline(device, *, mode=None, options=None, **model_flags):
     return Canny2Image(model, mode=mode, options=options)
 
 
+def start_precompile(device, mode, first_request, *, tiny=False, config=None):
+    """For fast mode on a GPU: compile the Triton kernels of the first request, (H, W, images),
+    in parallel in a child process while the caller builds the model (kernels/precompile.py);
+    the handle's wait() before that request. None where there is nothing to compile ahead: other
+    modes, the tiny model (its kernels compile in moments), no GPU kernels, already compiled."""
+    if (mode or default_mode(device)) != "fast" or tiny:
+        return None
+    from kernels import precompile
+    return precompile.start(device, first_request[:2], first_request[2], config=config)
+
+
 # --- image files -------------------------------------------------------------------------------
 
 def list_inputs(path, outdir=None):
@@ -329,9 +340,20 @@ def run(args):
             say(f"building the {kind} ({shown(ckpt or 'random weights')}) on {device}, "
                 f"{args.mode} mode ...")
             start = time.perf_counter()
+            if folder:  # the first image is read when its turn comes: the default shape
+                side = params["image_resolution"]
+                first = (side, side, max(1, args.batch_size) * params["num_samples"])
+            else:
+                first = (*inputs.resized_shape(*image.shape[:2], params["image_resolution"]),
+                         params["num_samples"])
+            # rank 0 compiles ahead for a torchrun job: one set of worker processes per machine
+            pre = start_precompile(device, args.mode, first, tiny=args.tiny) \
+                if ranks.rank == 0 else None
             pipeline = build_pipeline(device, mode=args.mode, tiny=args.tiny, ckpt=ckpt,
                                       random_weights=args.random_weights,
                                       weights_seed=args.weights_seed, low_vram=args.low_vram)
+            if pre is not None:
+                say(pre.wait())
             say(f"model ready in {time.perf_counter() - start:.1f} s")
 
         if folder:

@@ -319,7 +319,7 @@ def built(monkeypatch):
                         lambda model, mode, options=None: _Named(model, mode))
 
     def build(*argv):
-        pipelines, banner = app.build_pipelines(app.parse_args(["--device", "cpu", *argv]))
+        pipelines, banner, _ = app.build_pipelines(app.parse_args(["--device", "cpu", *argv]))
         return calls[-1], pipelines, banner
     return build
 
@@ -507,7 +507,7 @@ def test_low_vram_fast_mode_does_not_fall_back(monkeypatch):
     monkeypatch.setattr(runtime.weights, "build_model", lambda *a, **k: real(
         TINY_CONFIG, random_weights=True, seed=0, device="cpu"))
     try:
-        pipelines, _ = app.build_pipelines(app.parse_args(["--tiny", "--low-vram"]))
+        pipelines, _, _ = app.build_pipelines(app.parse_args(["--tiny", "--low-vram"]))
         assert config.save_memory
         (pipe,) = pipelines
         assert pipe.mode == "fast" and pipe.fast is not None
