@@ -114,13 +114,14 @@ def _gpu_target(t: platform.Target):
 
 
 @contextlib.contextmanager
-def _recording(target: platform.Target, sink: list, site: list):
-    """Replace JITFunction.run: bind with `target`'s backend, record, launch nothing."""
+def _recording(target: platform.Target, sink: list, site: list, on_new=None):
+    """Replace JITFunction.run: bind with `target`'s backend, record, launch nothing;
+    on_new(launch) for each distinct launch as soon as it is seen."""
     from triton import knobs
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
     backend = make_backend(_gpu_target(target))
-    binders = {}
+    binders, announced = {}, set()
     orig = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -134,8 +135,11 @@ def _recording(target: platform.Target, sink: list, site: list):
         grid = grid(bound) if callable(grid) else grid
         summary = {k: (list(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in bound.items()
                    if isinstance(v, (torch.Tensor, int, float, bool))}
-        sink.append((Launch(self.__name__, self, signature, constexprs, attrs, dict(options.__dict__)),
-                     {"site": site[0], "grid": list(grid), "args": summary, "key": key}))
+        launch = Launch(self.__name__, self, signature, constexprs, attrs, dict(options.__dict__))
+        if on_new is not None and launch.key not in announced:
+            announced.add(launch.key)
+            on_new(launch)
+        sink.append((launch, {"site": site[0], "grid": list(grid), "args": summary, "key": key}))
         return None
 
     JITFunction.run = run
@@ -190,10 +194,11 @@ def build_model(channels_last=True, config=CONFIG_FULL):
 
 
 def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
-           decode_batch=1) -> list[Launch]:
+           decode_batch=1, on_new=None) -> list[Launch]:
     """Every distinct launch of one denoising step (each model batch in `batches`), a CLIP forward
     (same batches) and a VAE decode (`decode_batch`), as the launchers would make them on
-    `target` (a TARGETS name or a platform.Target) for images of `size` (a side, or (H, W))."""
+    `target` (a TARGETS name or a platform.Target) for images of `size` (a side, or (H, W)).
+    on_new(launch): called with each distinct launch as soon as it is recorded."""
     import kernels
     model = build_model(channels_last) if model is None else model
     sink, site = [], ["?"]
@@ -206,7 +211,7 @@ def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
     skips, cats = [], []
     hooks += [b.register_forward_hook(lambda m, i, o: skips.append(o)) for b in unet.input_blocks]
     hooks += [b.register_forward_pre_hook(lambda m, i: cats.append(i[0])) for b in unet.output_blocks]
-    with platform.as_target(target) as t, _recording(t, sink, site), _gpu_conv_layout(), \
+    with platform.as_target(target) as t, _recording(t, sink, site, on_new), _gpu_conv_layout(), \
             torch.no_grad():
         handle = kernels.patch(model, strict=True)  # a fallback would hide a launch: raise
         try:
@@ -224,12 +229,15 @@ def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
                 if "skip_cat" in handle.fusions:
                     from .residual import skip_cat
                     site[0] = f"decoder skip_cat B{B}"
-                    scale = torch.empty(1, dtype=torch.float16, **meta)
+                    # the scale of skip i is cscales[i:i + 1], one fp16 element of the 13 control
+                    # scales (runtime/fast/split.py): its address alignment is specialised on
+                    scales = torch.empty(len(unet.output_blocks) + 1, dtype=torch.float16, **meta)
                     for j, cat in enumerate(cats[:len(unet.output_blocks)]):
                         skip = skips[-1 - j]
+                        i = len(unet.output_blocks) - 1 - j
                         n, c, hh, ww = cat.shape
                         h = torch.empty(n, c - skip.shape[1], hh, ww, dtype=cat.dtype, **meta, **fmt)
-                        skip_cat(h, skip, torch.empty_like(skip), scale)
+                        skip_cat(h, skip, torch.empty_like(skip), scales[i:i + 1])
                 site[0] = f"clip B{B}"
                 model.cond_stage_model.transformer(input_ids=torch.zeros(B, 77, dtype=torch.long, **meta))
             site[0] = f"vae decode B{decode_batch}"

@@ -9,8 +9,8 @@ Without it the first request compiles every kernel in turn as it reaches its fir
 an H200: 11 s of the 30 s to a cold first image, plus the C launchers Triton 3.6 builds). The
 child (`python -m kernels.precompile`) records the launches on meta tensors as
 kernels.compile_report does, for the real GPU (platform.device_target()) and the run's image size
-and batch, then compiles each distinct one with triton.compile in a pool of worker processes and
-builds its launcher. Both land in Triton's on-disk cache (TRITON_CACHE_DIR, else ~/.triton/cache:
+and batch, and hands each distinct one, as soon as it is recorded, to a pool of worker processes
+that compile it with triton.compile and build its launcher. Both land in Triton's on-disk cache (TRITON_CACHE_DIR, else ~/.triton/cache:
 per user, kept across runs) under the keys the parent's own JIT computes, so the parent's first
 launches load them from disk. A launch the recording misses is compiled by the parent as before:
 only slower, never different. A marker in the cache folder (per Triton, torch, kernel sources,
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import subprocess
@@ -31,10 +32,6 @@ import time
 from . import platform
 
 _KERNELS = os.path.dirname(os.path.abspath(__file__))
-# The launches of the parent process, for the forked workers (set before the pool starts).
-_LAUNCHES: list = []
-
-
 def cache_dir() -> str:
     """Triton's on-disk cache folder, as Triton itself resolves it."""
     from triton import knobs
@@ -134,48 +131,53 @@ def _launcher_cls():
         return None
 
 
-def _compile(i: int):
-    """Worker: compile launch i for the target and build its launcher (Triton 3.6 compiles each
-    launcher with the C compiler, cached like the kernel). (seconds, error or None)."""
+def _compile(job):
+    """Worker: compile one launch (a picklable description of it) for the target and build its
+    launcher (Triton 3.6 compiles each launcher with the C compiler, cached like the kernel).
+    (seconds, error or None)."""
     import triton
     from triton.compiler import ASTSource
     from .compile_report import _gpu_target
-    launch, target = _LAUNCHES[i]
+    module, name, signature, constexprs, attrs, options, target = job
     t0 = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(launch.fn, launch.signature, launch.constexprs,
-                                            launch.attrs),
-                                  target=_gpu_target(target), options=launch.options)
+        fn = getattr(importlib.import_module(module), name)
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                  target=_gpu_target(target), options=options)
         launcher_cls = _launcher_cls()
         if launcher_cls is not None:
             launcher_cls(compiled.src, compiled.metadata)
     except Exception as e:  # the parent compiles it on first use and says so
-        return time.perf_counter() - t0, f"{launch.kernel}: {type(e).__name__}: {e}".splitlines()[0]
+        return time.perf_counter() - t0, f"{name}: {type(e).__name__}: {e}".splitlines()[0]
     return time.perf_counter() - t0, None
 
 
 def precompile(target: platform.Target, hw, batch=1, workers=None, config=None) -> dict:
     """Record fast mode's launches for `target` at image size hw and `batch` (the model of
-    `config`, default full size), compile them in `workers` processes (default: all cores but
-    one). What was done, as a dict."""
+    `config`, default full size), each compiled in a pool of `workers` processes (default: all
+    cores but two: the parent builds its model meanwhile) as soon as the recording meets it.
+    What was done, as a dict."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+
+    import torch
     from .compile_report import CONFIG_FULL, build_model, record
     t0 = time.perf_counter()
-    model = build_model(config=config or CONFIG_FULL)
-    # model batches: [uncond; cond] rows of the batch (and of one image), CLIP's two prompts
-    launches = record(target, model, batches=sorted({2, 2 * batch}), size=tuple(hw),
-                      decode_batch=batch)
-    recorded = time.perf_counter() - t0
-    # kernels with a dot product first: they take longest to compile
-    launches.sort(key=lambda lch: "tl.dot(" not in lch.fn.src)
-    _LAUNCHES[:] = [(lch, target) for lch in launches]
-    workers = workers or max(1, min(len(launches), (os.cpu_count() or 2) - 1))
-    import torch
+    torch.set_num_threads(1)   # meta tensors: no work for threads; the cores are the workers'
+    workers = workers or max(1, (os.cpu_count() or 2) - 2)
     cuda_before_fork = torch.cuda.is_initialized()
-    # fork: the workers share the recorded launches; this process has not touched the GPU
+    futures = []
+    # fork: the workers start with this process's modules imported; it has not touched the GPU
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        results = list(pool.map(_compile, range(len(_LAUNCHES))))
+        def submit(lch):
+            futures.append(pool.submit(_compile, (lch.fn.module, lch.fn.__name__, lch.signature,
+                                                  lch.constexprs, lch.attrs, lch.options, target)))
+        model = build_model(config=config or CONFIG_FULL)
+        # model batches: [uncond; cond] rows of the batch (and of one image), CLIP's two prompts
+        launches = record(target, model, batches=sorted({2, 2 * batch}), size=tuple(hw),
+                          decode_batch=batch, on_new=submit)
+        recorded = time.perf_counter() - t0
+        results = [f.result() for f in futures]
     return {"kernels": len(launches), "workers": workers, "record_s": round(recorded, 2),
             "cuda_initialized_before_fork": cuda_before_fork,
             "seconds": round(time.perf_counter() - t0, 2),
