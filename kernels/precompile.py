@@ -167,8 +167,11 @@ def precompile(target: platform.Target, hw, batch=1, workers=None, config=None) 
     workers = workers or max(1, (os.cpu_count() or 2) - 2)
     cuda_before_fork = torch.cuda.is_initialized()
     futures = []
-    # fork: the workers start with this process's modules imported; it has not touched the GPU
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    # fork: the workers start with this process's modules imported; it has not touched the GPU.
+    # The workers run at a lower priority: the recording here and the parent's build are the
+    # critical path, the compiles fill the cores they leave.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                             initializer=os.nice, initargs=(5,)) as pool:
         def submit(lch):
             futures.append(pool.submit(_compile, (lch.fn.module, lch.fn.__name__, lch.signature,
                                                   lch.constexprs, lch.attrs, lch.options, target)))
