@@ -725,12 +725,17 @@ def build_pipelines(args):
     precompiling = app.start_precompile(devices[0], mode, (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION, 1),
                                         tiny=args.tiny)
     pipelines = []
-    for device in devices:
-        log.info("building the %s model on %s (%s)", "tiny" if args.tiny else "full-size",
-                 device, ckpt or "random weights")
-        pipelines.append(app.build_pipeline(device, mode=mode, tiny=args.tiny, ckpt=ckpt,
-                                            random_weights=random_weights,
-                                            low_vram=args.low_vram))
+    try:
+        for device in devices:
+            log.info("building the %s model on %s (%s)", "tiny" if args.tiny else "full-size",
+                     device, ckpt or "random weights")
+            pipelines.append(app.build_pipeline(device, mode=mode, tiny=args.tiny, ckpt=ckpt,
+                                                random_weights=random_weights,
+                                                low_vram=args.low_vram))
+    except BaseException:
+        if precompiling is not None:
+            precompiling.cancel()
+        raise
     log.info("mode: %s, %d queue worker(s)", pipelines[0].mode, len(pipelines))
     return pipelines, banner, precompiling
 

@@ -63,6 +63,15 @@ class Precompile:
     def __init__(self, proc, result_path, started):
         self.proc, self.result_path, self.started = proc, result_path, started
 
+    def cancel(self):
+        """Stop the child (the caller's build failed: nothing will use its kernels)."""
+        self.proc.kill()
+        self.proc.wait()
+        try:
+            os.unlink(self.result_path)
+        except OSError:
+            pass
+
     def wait(self, timeout=300.0) -> str:
         """Wait for the child (at most `timeout` s) and say in one line what it did."""
         try:

@@ -157,7 +157,7 @@ def build_pipeline(device, *, mode=None, options=None, **model_flags):
 def start_precompile(device, mode, first_request, *, tiny=False, config=None):
     """For fast mode on a GPU: compile the Triton kernels of the first request, (H, W, images),
     in parallel in a child process while the caller builds the model (kernels/precompile.py);
-    the handle's wait() before that request. None where there is nothing to compile ahead: other
+    the handle's wait() before that request (cancel() if the build fails). None where there is nothing to compile ahead: other
     modes, the tiny model (its kernels compile in moments), no GPU kernels, already compiled."""
     if (mode or default_mode(device)) != "fast" or tiny:
         return None
@@ -340,7 +340,7 @@ def run(args):
             say(f"building the {kind} ({shown(ckpt or 'random weights')}) on {device}, "
                 f"{args.mode} mode ...")
             start = time.perf_counter()
-            if folder:  # the first image is read when its turn comes: the default shape
+            if folder:  # its images are read as their turn comes: a square of the resolution
                 side = params["image_resolution"]
                 first = (side, side, max(1, args.batch_size) * params["num_samples"])
             else:
@@ -349,9 +349,14 @@ def run(args):
             # rank 0 compiles ahead for a torchrun job: one set of worker processes per machine
             pre = start_precompile(device, args.mode, first, tiny=args.tiny) \
                 if ranks.rank == 0 else None
-            pipeline = build_pipeline(device, mode=args.mode, tiny=args.tiny, ckpt=ckpt,
-                                      random_weights=args.random_weights,
-                                      weights_seed=args.weights_seed, low_vram=args.low_vram)
+            try:
+                pipeline = build_pipeline(device, mode=args.mode, tiny=args.tiny, ckpt=ckpt,
+                                          random_weights=args.random_weights,
+                                          weights_seed=args.weights_seed, low_vram=args.low_vram)
+            except BaseException:
+                if pre is not None:
+                    pre.cancel()
+                raise
             if pre is not None:
                 say(pre.wait())
             say(f"model ready in {time.perf_counter() - start:.1f} s")

@@ -87,6 +87,47 @@ def test_cli_and_demo_build_the_same_pipeline(recorded, capsys, flags):
         assert from_cli["ckpt"] is None
 
 
+class _Precompiling:
+    """A stand-in for kernels.precompile's handle: what was asked of it."""
+
+    def __init__(self, log, args):
+        self.log = log
+        log.append(("start", args))
+
+    def wait(self):
+        self.log.append(("wait",))
+        return "kernels compiled"
+
+    def cancel(self):
+        self.log.append(("cancel",))
+
+
+def test_cli_and_demo_precompile_the_first_request_and_cancel_on_a_failed_build(
+        recorded, capsys, monkeypatch):
+    from runtime.sample import sample_image
+    log = []
+    monkeypatch.setattr(app, "start_precompile", lambda device, mode, first, tiny=False:
+                        _Precompiling(log, (str(device), mode, first, tiny)))
+    # the CLI: the sample picture at --image-resolution, --num-samples images; its build fails
+    # here (recorded stops it), so the child is cancelled, never awaited
+    _cli_build(recorded, ["--random-weights", "--mode", "fast", "--image-resolution", "384",
+                          "--num-samples", "3"], capsys)
+    h, w = runtime.inputs.resized_shape(*sample_image().shape[:2], 384)
+    assert log == [("start", ("cpu", "fast", (h, w, 3), False)), ("cancel",)]
+    log.clear()
+    # a folder: a square of --image-resolution, --batch-size x --num-samples images
+    os.makedirs("photos")
+    Image.fromarray(sample_image()).save("photos/a.png")
+    cli.main(["--device", "cpu", "--quiet", "--outdir", "out", "photos", "--random-weights",
+              "--mode", "fast", "--batch-size", "2", "--num-samples", "2",
+              "--image-resolution", "448"])
+    assert log == [("start", ("cpu", "fast", (448, 448, 4), False)), ("cancel",)]
+    log.clear()
+    # the demo: the warm-up's shape (512², one image)
+    _demo_build(recorded, ["--random-weights", "--mode", "reference"])
+    assert log == [("start", ("cpu", "reference", (512, 512, 1), False)), ("cancel",)]
+
+
 def test_default_checkpoint_is_found_where_cli_and_demo_look(recorded, tmp_path, capsys):
     from cldm.model import DEFAULT_CHECKPOINT
     assert app.checkpoint_candidates() == (DEFAULT_CHECKPOINT, os.path.join(
