@@ -10,9 +10,9 @@ an H200: 11 s of the 30 s to a cold first image, plus the C launchers Triton 3.6
 child (`python -m kernels.precompile`) records the launches on meta tensors as
 kernels.compile_report does, for the real GPU (platform.device_target()) and the run's image size
 and batch, and hands each distinct one, as soon as it is recorded, to a pool of worker processes
-that compile it with triton.compile and build its launcher. Both land in Triton's on-disk cache (TRITON_CACHE_DIR, else ~/.triton/cache:
-per user, kept across runs) under the keys the parent's own JIT computes, so the parent's first
-launches load them from disk. A launch the recording misses is compiled by the parent as before:
+that compile it with triton.compile and build its launcher. Both land in Triton's on-disk cache
+(TRITON_CACHE_DIR, else ~/.triton/cache: per user, kept across runs) under the keys the parent's
+own JIT computes, so the parent's first launches load them from disk. A launch the recording misses is compiled by the parent as before:
 only slower, never different. A marker in the cache folder (per Triton, torch, kernel sources,
 GPU, size and batch) makes a second launch skip the child altogether.
 """
@@ -32,6 +32,8 @@ import time
 from . import platform
 
 _KERNELS = os.path.dirname(os.path.abspath(__file__))
+
+
 def cache_dir() -> str:
     """Triton's on-disk cache folder, as Triton itself resolves it."""
     from triton import knobs
@@ -58,7 +60,7 @@ def _marker(key: str) -> str:
 
 
 class Precompile:
-    """A running child; wait() for it."""
+    """A running child: wait() for it, or cancel() it."""
 
     def __init__(self, proc, result_path, started):
         self.proc, self.result_path, self.started = proc, result_path, started
@@ -101,9 +103,9 @@ class Precompile:
 def start(device, hw, batch=1, config=None) -> Precompile | None:
     """Spawn the child for fast mode on `device` (a CUDA/HIP torch.device) at image size
     hw = (H, W) and `batch` images per request, for the model of `config` (default: the
-    full-size one); None where there is nothing to do: no GPU
-    kernels (CPU, no Triton, the interpreter), a Triton release the recorder is not verified on,
-    or this exact set already compiled (the marker)."""
+    full-size one); None where there is nothing to do: no GPU kernels (CPU, no Triton, the
+    interpreter), a Triton release the recorder is not verified on, or this exact set already
+    compiled (the marker)."""
     import torch
     from .compile_report import triton_version_ok
     device = torch.device(device)
