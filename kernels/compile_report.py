@@ -178,11 +178,15 @@ def _gpu_conv_layout():
 def build_model(channels_last=True, config=CONFIG_FULL):
     """The ControlLDM of `config` (default: full size) on the meta device as fast mode prepares it
     (runtime/fast/nets.py): fp16 with GroupNorm32's affine parameters in fp32, UNet + ControlNet
-    channels_last (fast mode's default), VAE NCHW, eval. Shapes and strides only, no memory."""
+    channels_last (fast mode's default), VAE NCHW, eval. Shapes and strides only, no memory.
+    Built as runtime.weights builds every model (parameters on meta, no init), then the few
+    buffers moved there too (computing the noise schedule on meta tensors would import
+    torch._dynamo: a second of start-up for kernels.precompile)."""
     from cldm.model import create_model
-    with torch.device("meta"):
+    from runtime.weights import parameters_on_meta
+    with parameters_on_meta():
         model = create_model(config)
-    model = model.half().eval().requires_grad_(False)
+    model = model.to("meta").half().eval().requires_grad_(False)
     for net in (model.model.diffusion_model, model.control_model):
         net.dtype = torch.float16  # what upstream's use_fp16 sets: blocks run in fp16
         for m in net.modules():

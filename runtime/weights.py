@@ -123,7 +123,7 @@ def random_weights_(model, seed=0, device=None, dtype=None):
 
 
 @contextlib.contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Modules built inside get their parameters on the meta device (no memory, no init cost),
     while buffers (the noise schedule, position_ids) are computed for real. The torch.nn.init
     functions skip meta tensors (there are no values to set; normal_ on a meta tensor alone would
@@ -243,7 +243,7 @@ def build_model(config_path=DEFAULT_CONFIG, ckpt=None, random_weights=False, dev
             raise CheckpointError(missing_checkpoint_message(DEFAULT_CHECKPOINT)
                                   + " To try the pipeline without it, pass --random-weights.")
     phase = on_phase or (lambda name: None)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = create_model(config_path)
     phase("construct")
 

@@ -74,9 +74,9 @@ def test_meta_construction_skips_init_and_restores_torch():
     initializes real ones (buffers, modules made on purpose); afterwards torch is as it was."""
     from torch import nn
 
-    from runtime.weights import _parameters_on_meta
+    from runtime.weights import parameters_on_meta
     originals = (nn.init.normal_, nn.init.kaiming_uniform_, nn.Module.register_parameter)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         assert nn.init.normal_ is not originals[0]
         emb = nn.Embedding(4, 3)
         assert emb.weight.is_meta
