@@ -11,8 +11,9 @@ model until `close()`; reference mode on the same model object meanwhile runs on
 fp32 weights (brought from host memory for each call), so its results do not change.
 
 Threads: calls on one model (one Canny2Image, or several on the same model) run one at a time
-(a lock per model), and the seeded noise is drawn under runtime/seed.py's RNG_LOCK, so a call
-gives the images a serial call with the same seed gives. `cancel=` (a threading.Event) stops a
+(a lock per model), and the seeded noise is drawn under runtime/seed.py's RNG_LOCK (held for
+the whole run where it draws every step: reference mode, or eta > 0), so a call gives the images
+a serial call with the same seed gives; reference runs on two models therefore take turns. `cancel=` (a threading.Event) stops a
 call at the next DDIM step with runtime.errors.Cancelled.
 """
 import contextlib
@@ -183,11 +184,14 @@ class Canny2Image:
 
         detected_map and seed may be lists (process_batch): num_samples rows per map, each map's
         rows starting from its own seed's noise, drawn as a call for that map alone draws it.
-        With eta > 0 every step draws noise from the global generators: RNG_LOCK is held for the
-        whole run, so that no other thread reseeds them meanwhile."""
+        A run that draws from the global generators every step holds RNG_LOCK throughout, so
+        that no run in another thread reseeds them or draws from them meanwhile: fast mode with
+        eta > 0, and reference mode always (upstream's sampler draws every step, even at eta 0,
+        where the draw is multiplied by 0 but still advances the generators)."""
         _check_cancel(cancel)
         step = _steps(progress, cancel)
-        with RNG_LOCK if eta != 0 else contextlib.nullcontext():
+        draws_per_step = eta != 0 or self.fast is None
+        with RNG_LOCK if draws_per_step else contextlib.nullcontext():
             if self.fast is not None:
                 self.last_seed = seed[0] if isinstance(seed, list) else seed
                 return self.fast.generate(detected_map, prompt, n_prompt, num_samples,

@@ -6,7 +6,8 @@ device, which torch.manual_seed does) and rejects seeds outside numpy's 0..2**32
 
 Those generators are process-wide: a run that seeds them and then draws its noise must not let a
 run in another thread reseed them in between. seeded_noise() does both under RNG_LOCK, and a run
-that keeps drawing per step (eta > 0) holds RNG_LOCK throughout (runtime/canny2image.py).
+that keeps drawing per step (reference mode, or eta > 0) holds RNG_LOCK throughout
+(runtime/canny2image.py).
 """
 import os
 import random

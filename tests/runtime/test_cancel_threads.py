@@ -138,3 +138,35 @@ def test_two_pipelines_on_two_models_at_once_give_the_serial_images(image):
     for s, t in zip(serial, threaded):
         for a, b in zip(s, t):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_reference_run_at_eta_0_does_not_draw_into_another_runs_noise(image):
+    """Upstream's sampler draws every step even at eta 0. Forced interleaving: a reference run
+    at eta 0 (model B) is between steps when a run at eta 0.5 (model A) starts; A's step 1 then
+    waits for B's step 2. Without the lock B's draws land between A's seeding and A's draws; with
+    it A waits for B to finish (each wait gives up after 3 s), and A's images are the serial ones."""
+    models = [build_model(TINY_CONFIG, random_weights=True, device="cpu", seed=0)
+              for _ in range(2)]
+    job_a, job_b = dict(ARGS, eta=0.5, seed=21), dict(ARGS, eta=0.0, seed=22)
+    serial_a = Canny2Image(models[0]).process(image, **job_a)
+    b_between_steps, a_stepped, b_stepped_again = (threading.Event() for _ in range(3))
+
+    def progress_b(done, total):
+        if done == 1:
+            b_between_steps.set()
+            a_stepped.wait(3)
+        else:
+            b_stepped_again.set()
+
+    def progress_a(done, total):
+        a_stepped.set()
+        if done == 1:
+            b_stepped_again.wait(3)
+
+    def run_a():
+        b_between_steps.wait(60)
+        return Canny2Image(models[0]).process(image, **job_a, progress=progress_a)
+    threaded_a, _ = _in_threads([run_a, lambda: Canny2Image(models[1]).process(
+        image, **job_b, progress=progress_b)])
+    for s, t in zip(serial_a, threaded_a):
+        np.testing.assert_array_equal(s, t)
