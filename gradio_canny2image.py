@@ -20,9 +20,17 @@ the inverted edge map followed by the samples. Differences, each on purpose:
 Run `python gradio_canny2image.py --help` for the flags.
 """
 import os
+import sys
 
 # Read when gradio is imported: without it Gradio phones home at launch.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+# Run as a script: fast mode's kernel precompile starts now, before the imports below (~5 s of
+# gradio and torch) rather than after them (runtime/early.py; the installed command does the
+# same in runtime/launch.py).
+if __name__ == "__main__":
+    from runtime import early as _early
+    EARLY = _early.spawn(sys.argv[1:])
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
@@ -36,7 +44,6 @@ import queue  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -696,11 +703,12 @@ def _devices(spec):
         raise SystemExit(f"error: {e}") from None
 
 
-def build_pipelines(args):
+def build_pipelines(args, early=None):
     """(pipelines, banner, precompiling): the pipelines (one per device, built by runtime/app.py),
     the banner to show, and fast mode's kernel precompile for the warm-up's shape, started before
     the build (app.start_precompile; None if none), from the parsed flags. Without a checkpoint
-    the demo still starts, on random weights."""
+    the demo still starts, on random weights. `early`: runtime/early.py's waiting precompile
+    child, which gets the precompile's job (the caller discards it on an error before)."""
     devices = _devices(args.device)
     on_gpu = devices[0].startswith("cuda")
     mode = args.mode or app.default_mode(devices[0])
@@ -723,7 +731,7 @@ def build_pipelines(args):
                         "Download it from %s", DEFAULT_CHECKPOINT, CKPT_URL)
 
     precompiling = app.start_precompile(devices[0], mode, (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION, 1),
-                                        tiny=args.tiny)
+                                        tiny=args.tiny, early=early)
     pipelines = []
     try:
         for device in devices:
@@ -778,18 +786,22 @@ def clean_on_exit(folder):
             signal.signal(getattr(signal, name), stop)
 
 
-def main(argv=None):
-    """Start the demo; every start-up error ends in one line and exit status 1."""
+def main(argv=None, early=None):
+    """Start the demo; every start-up error ends in one line and exit status 1. `early`: the
+    kernel precompile child spawned before the imports (runtime/early.py)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    host = "0.0.0.0" if args.listen else "127.0.0.1"
-    check_port(host, args.port)                   # at once, not after the model is built
     try:
-        pipelines, banner, precompiling = build_pipelines(args)
+        args = parse_args(argv)
+        host = "0.0.0.0" if args.listen else "127.0.0.1"
+        check_port(host, args.port)                   # at once, not after the model is built
+        pipelines, banner, precompiling = build_pipelines(args, early)
     except (app.AppError, InputError) as e:
         raise SystemExit(f"error: {e}") from None
     except OUT_OF_MEMORY:
         raise SystemExit("error: out of GPU memory while loading the model") from None
+    finally:
+        if early is not None:
+            early.discard()   # a no-op once it has its job
     clean_on_exit(own_cache_folder())             # before the page: Gradio reads it then
     # The page is served at once; the warm-up runs behind it (requests wait for it).
     warming = None if args.no_warmup else WarmUp(pipelines, precompiling)
@@ -804,4 +816,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(early=EARLY))

@@ -20,10 +20,12 @@ handling), and reports:
     (reference vs reference low-VRAM; a cold vs a warm launch).
 
 Launches: the device's default mode twice with one Triton cache folder, empty before the first
-("cold") and filled by it for the second ("warm", i.e. a second launch); with --precompile-ab a
-cold launch without the kernel precompile (kernels/precompile.py) in a fresh cache folder; then
-the other modes. Fast mode launches precompile as the CLI does (a child process compiles the
-kernels while the model is built; "waiting for the kernel precompile" is what remains of it).
+("cold") and filled by it for the second ("warm", i.e. a second launch); with --precompile-ab two
+more cold launches, each in a fresh cache folder: the precompile child spawned after the imports
+(as before runtime/early.py), and none (kernels compile on first use); then the other modes.
+Fast mode launches precompile as the installed CLI does (a child process spawned before the
+imports compiles the kernels while the model is built; "waiting for the kernel precompile" is
+what remains of it).
 Modes: reference, fast, fast low-VRAM, reference low-VRAM (fast ones only on a GPU), at --size²
 with each of --batches. Input: runtime.sample's picture; seeded random weights (timings do not
 depend on their values). Results: startup_<tag>.json and startup_<tag>.md under --out, with
@@ -112,6 +114,11 @@ def child(spec):
     """Runs in the fresh process: build as the CLI does (runtime.cli.build_pipeline's steps, each
     timed with the peak GPU memory it reached), time requests, print one JSON line."""
     spawned = float(os.environ["BENCH_SPAWN_TIME"])
+    early_child = None
+    if spec.get("precompile", True) and spec.get("early", True):
+        from runtime import early   # as the installed commands do: before the imports
+        early_child = early.spawn(["--tiny"] if spec["tiny"] else
+                                  ["--mode", spec["mode"].split("-")[0]])
     import numpy as np
     import torch
 
@@ -156,7 +163,8 @@ def child(spec):
     if spec.get("precompile", True):   # as the CLI does: kernels compile while the model builds
         from runtime import app
         pre = app.start_precompile(spec["device"], mode, (spec["size"], spec["size"],
-                                                          spec["batches"][0]), tiny=spec["tiny"])
+                                                          spec["batches"][0]), tiny=spec["tiny"],
+                                   early=early_child)
     lowvram.configure(spec["mode"].endswith("lowvram"))
     model = build_model(CONFIG_TINY if spec["tiny"] else CONFIG_FULL, ckpt=spec.get("ckpt"),
                         random_weights=spec.get("ckpt") is None, device=spec["device"], seed=0,
@@ -277,7 +285,10 @@ def plan(args, checkpoints=None):
         return dict(base, mode=mode, batches=batches, repeats=repeats, **extra)
     yield "cold", spec(first, args.batches)
     yield "warm", spec(first, args.batches)    # a second launch: every batch's first request
-    if args.precompile_ab and first.startswith("fast"):   # cold again, compiling on first use
+    if args.precompile_ab and first.startswith("fast"):
+        # cold again: the precompile child spawned after the imports, then none at all
+        yield "cold", spec(first, args.batches[:1], early=False, fresh_cache=True,
+                           variant="late precompile")
         yield "cold", spec(first, args.batches[:1], precompile=False, fresh_cache=True,
                            variant="no precompile")
     if args.cudnn_ab and first.startswith("fast"):
@@ -331,7 +342,7 @@ def compare(records):
                                "identical": digest == found[(b, batch)]})
     by_variant = [r for r in records if "rows" in r]
     for r in by_variant:
-        if r.get("variant", "").startswith(("cudnn", "no precompile")):
+        if r.get("variant", "").startswith(("cudnn", "no precompile", "late precompile")):
             base = next((b for b in by_variant if b["mode"] == r["mode"] and b["launch"] == "warm"
                          and not b.get("variant")), None)
             if base:
@@ -473,8 +484,8 @@ def parse_args(argv=None):
     ap.add_argument("--cudnn-ab", action="store_true",
                     help="one more warm launch of the default mode with cudnn.benchmark flipped")
     ap.add_argument("--precompile-ab", action="store_true",
-                    help="one more cold launch of fast mode without the kernel precompile "
-                         "(kernels compile on first use, as before it)")
+                    help="two more cold launches of fast mode: the kernel precompile spawned "
+                         "after the imports, and none (kernels compile on first use)")
     ap.add_argument("--checkpoints", action="store_true",
                     help="write synthetic checkpoints (.pth as upstream's, .safetensors) of the "
                          "model's full size and time launches that load them")

@@ -100,12 +100,33 @@ class Precompile:
                 f"processes{failed}; ready {waited:.1f} s after the start")
 
 
-def start(device, hw, batch=1, config=None) -> Precompile | None:
-    """Spawn the child for fast mode on `device` (a CUDA/HIP torch.device) at image size
+def start(device, hw, batch=1, config=None, early=None) -> Precompile | None:
+    """Start the child for fast mode on `device` (a CUDA/HIP torch.device) at image size
     hw = (H, W) and `batch` images per request, for the model of `config` (default: the
     full-size one); None where there is nothing to do: no GPU kernels (CPU, no Triton, the
     interpreter), a Triton release the recorder is not verified on, or this exact set already
-    compiled (the marker)."""
+    compiled (the marker). `early`: a runtime.early.EarlyChild, spawned before the caller's
+    imports, that gets the job instead of a new child (and is discarded where there is none)."""
+    job = _job(device, hw, batch, config)
+    if job is None:
+        if early is not None:
+            early.discard()
+        return None
+    if early is not None:
+        early.send(job)
+        return Precompile(early.proc, job["result"], early.started)
+    args = [sys.executable, "-m", "kernels.precompile"]
+    for flag, value in job.items():
+        args += [f"--{flag}", *map(str, value if isinstance(value, list) else [value])]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen(args, cwd=os.path.dirname(_KERNELS), env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    return Precompile(proc, job["result"], time.perf_counter())
+
+
+def _job(device, hw, batch, config):
+    """The child's flags as a dict (start()'s docstring says when there is no job: None)."""
     import torch
     from .compile_report import triton_version_ok
     device = torch.device(device)
@@ -121,16 +142,11 @@ def start(device, hw, batch=1, config=None) -> Precompile | None:
     fd, result_path = tempfile.mkstemp(prefix="canny2image_precompile_", suffix=".json")
     os.close(fd)
     os.unlink(result_path)  # the child writes it when done
-    args = [sys.executable, "-m", "kernels.precompile", "--target",
-            json.dumps(dataclasses.asdict(target)), "--hw", str(hw[0]), str(hw[1]),
-            "--batch", str(batch), "--key", key, "--result", result_path]
+    job = {"target": json.dumps(dataclasses.asdict(target)), "hw": list(hw), "batch": batch,
+           "key": key, "result": result_path}
     if config:
-        args += ["--config", config]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen(args, cwd=os.path.dirname(_KERNELS), env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    return Precompile(proc, result_path, time.perf_counter())
+        job["config"] = config
+    return job
 
 
 # -- the child ------------------------------------------------------------------------------------
@@ -163,11 +179,12 @@ def _compile(job):
     return time.perf_counter() - t0, None
 
 
-def precompile(target: platform.Target, hw, batch=1, workers=None, config=None) -> dict:
+def precompile(target: platform.Target, hw, batch=1, workers=None, config=None,
+               model=None) -> dict:
     """Record fast mode's launches for `target` at image size hw and `batch` (the model of
-    `config`, default full size), each compiled in a pool of `workers` processes (default: all
-    cores but two: the parent builds its model meanwhile) as soon as the recording meets it.
-    What was done, as a dict."""
+    `config`, default full size, or `model`: that one already built on meta tensors), each
+    compiled in a pool of `workers` processes (default: all cores but two: the parent builds its
+    model meanwhile) as soon as the recording meets it. What was done, as a dict."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -186,7 +203,7 @@ def precompile(target: platform.Target, hw, batch=1, workers=None, config=None) 
         def submit(lch):
             futures.append(pool.submit(_compile, (lch.fn.module, lch.fn.__name__, lch.signature,
                                                   lch.constexprs, lch.attrs, lch.options, target)))
-        model = build_model(config=config or CONFIG_FULL)
+        model = model or build_model(config=config or CONFIG_FULL)
         # model batches: [uncond; cond] rows of the batch (and of one image), CLIP's two prompts
         launches = record(target, model, batches=sorted({2, 2 * batch}), size=tuple(hw),
                           decode_batch=batch, on_new=submit)
@@ -199,19 +216,46 @@ def precompile(target: platform.Target, hw, batch=1, workers=None, config=None) 
             "failed": [err for _, err in results if err]}
 
 
+def _job_from_stdin():
+    """--job-stdin: build the full-size meta model while the parent is still importing, then
+    read the job (the flags below as one JSON object) from stdin; (job, model) or None on EOF
+    (the parent discarded the child)."""
+    from .compile_report import CONFIG_FULL, build_model
+    model = build_model(config=CONFIG_FULL)
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    job = json.loads(line)
+    if job.get("config") and os.path.abspath(job["config"]) != os.path.abspath(CONFIG_FULL):
+        model = None   # another model: precompile() builds it
+    return job, model
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", required=True, help="a platform.Target as JSON")
-    p.add_argument("--hw", type=int, nargs=2, required=True)
+    p.add_argument("--job-stdin", action="store_true",
+                   help="prepare at once, then read the flags below from stdin as one JSON "
+                        "object (runtime/early.py); nothing there: exit")
+    p.add_argument("--target", help="a platform.Target as JSON")
+    p.add_argument("--hw", type=int, nargs=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--key", help="write the marker of this key when every launch compiled")
-    p.add_argument("--result", required=True, help="write what was done here (JSON)")
+    p.add_argument("--result", help="write what was done here (JSON)")
     p.add_argument("--workers", type=int)
     p.add_argument("--config", help="model config (default: the full-size one)")
     args = p.parse_args(argv)
+    model = None
+    if args.job_stdin:
+        got = _job_from_stdin()
+        if got is None:
+            return 0
+        job, model = got
+        args = argparse.Namespace(**{**vars(args), **job})
+    if not (args.target and args.hw and args.result):
+        p.error("--target, --hw and --result are needed (or --job-stdin)")
     try:
         target = platform.Target(**json.loads(args.target))
-        res = precompile(target, args.hw, args.batch, args.workers, args.config)
+        res = precompile(target, args.hw, args.batch, args.workers, args.config, model)
         if args.key and not res["failed"]:
             os.makedirs(os.path.dirname(_marker(args.key)), exist_ok=True)
             open(_marker(args.key), "w").close()

@@ -154,15 +154,20 @@ def build_pipeline(device, *, mode=None, options=None, **model_flags):
     return Canny2Image(model, mode=mode, options=options)
 
 
-def start_precompile(device, mode, first_request, *, tiny=False, config=None):
+def start_precompile(device, mode, first_request, *, tiny=False, config=None, early=None):
     """For fast mode on a GPU: compile the Triton kernels of the first request, (H, W, images),
     in parallel in a child process while the caller builds the model (kernels/precompile.py);
-    the handle's wait() before that request (cancel() if the build fails). None where there is nothing to compile ahead: other
-    modes, the tiny model (its kernels compile in moments), no GPU kernels, already compiled."""
+    the handle's wait() before that request (cancel() if the build fails). None where there is
+    nothing to compile ahead: other modes, the tiny model (its kernels compile in moments), no
+    GPU kernels, already compiled. `early`: the child runtime/early.py spawned before the
+    imports, which gets the job (or is discarded where there is none)."""
     if (mode or default_mode(device)) != "fast" or tiny:
+        if early is not None:
+            early.discard()
         return None
     from kernels import precompile
-    return precompile.start(device, first_request[:2], first_request[2], config=config)
+    return precompile.start(device, first_request[:2], first_request[2], config=config,
+                            early=early)
 
 
 # --- image files -------------------------------------------------------------------------------
@@ -282,10 +287,11 @@ class _Output:
                                    job=self.job, overwrite=args.overwrite)
 
 
-def run(args):
+def run(args, early=None):
     """The `canny2image` command's job (runtime/cli.py's flags): every check that can come before
     the model build (the inputs, the checkpoint, the output plan), the build, then one image or
-    a folder. AppError for what a user can fix."""
+    a folder. AppError for what a user can fix. `early`: runtime/early.py's waiting precompile
+    child (the caller discards it if this returns before handing it a job)."""
     from runtime import folder_job
     from runtime.outputs import listing, shown
     from runtime.sample import SAMPLE_NAME, sample_image
@@ -347,7 +353,7 @@ def run(args):
                 first = (*inputs.resized_shape(*image.shape[:2], params["image_resolution"]),
                          params["num_samples"])
             # rank 0 compiles ahead for a torchrun job: one set of worker processes per machine
-            pre = start_precompile(device, args.mode, first, tiny=args.tiny) \
+            pre = start_precompile(device, args.mode, first, tiny=args.tiny, early=early) \
                 if ranks.rank == 0 else None
             try:
                 pipeline = build_pipeline(device, mode=args.mode, tiny=args.tiny, ckpt=ckpt,

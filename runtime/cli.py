@@ -134,14 +134,20 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, early=None):
+    """`early`: the kernel precompile child runtime/launch.py spawned before importing this."""
     from runtime.outputs import OutputError, Terminated, handle_sigterm, shown
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit:
+        if early is not None:
+            early.discard()
+        raise
     logging.basicConfig(level=logging.WARNING, format="canny2image: %(message)s")
     previous = (handle_sigterm() if threading.current_thread() is threading.main_thread()
                 else None)
     try:
-        app.run(args)
+        app.run(args, early)
     except (AppError, InputError, NonFiniteOutputError, OutputError) as e:
         print(f"canny2image: error: {shown(e)}", file=sys.stderr)
         return 1
@@ -168,6 +174,8 @@ def main(argv=None):
                   f"for the traceback)", file=sys.stderr)
         return 1
     finally:
+        if early is not None:
+            early.discard()   # a no-op once it has its job
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0

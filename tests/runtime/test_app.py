@@ -106,8 +106,8 @@ def test_cli_and_demo_precompile_the_first_request_and_cancel_on_a_failed_build(
         recorded, capsys, monkeypatch):
     from runtime.sample import sample_image
     log = []
-    monkeypatch.setattr(app, "start_precompile", lambda device, mode, first, tiny=False:
-                        _Precompiling(log, (str(device), mode, first, tiny)))
+    monkeypatch.setattr(app, "start_precompile", lambda device, mode, first, tiny=False,
+                        early=None: _Precompiling(log, (str(device), mode, first, tiny)))
     # the CLI: the sample picture at --image-resolution, --num-samples images; its build fails
     # here (recorded stops it), so the child is cancelled, never awaited
     _cli_build(recorded, ["--random-weights", "--mode", "fast", "--image-resolution", "384",
@@ -248,3 +248,45 @@ def test_the_default_checkpoint_path_is_spelled_once():
                                                 for s in _code_strings(path)):
                     spelled.append(os.path.relpath(path, REPO))
     assert spelled == ["cldm/model.py"]
+
+
+class _EarlyChild:
+    """A stand-in for runtime/early.py's child: what was done with it."""
+
+    def __init__(self):
+        self.log = []
+
+    def send(self, job):
+        self.log.append("send")
+
+    def discard(self):
+        self.log.append("discard")
+
+
+def test_the_cli_and_the_demo_hand_the_early_child_on_or_discard_it(recorded, capsys,
+                                                                    monkeypatch):
+    handed = []
+    monkeypatch.setattr(app, "start_precompile", lambda device, mode, first, tiny=False,
+                        early=None: handed.append(early))
+    child = _EarlyChild()
+    code = cli.main(["--device", "cpu", "--quiet", "--outdir", "out", "--random-weights",
+                     "--mode", "fast"], early=child)
+    assert code == 1 and handed == [child]   # to the precompile; discarded after (a no-op
+    assert child.log == ["discard"]          # for a child that got its job)
+    recorded.clear()
+    # an error before the build: discarded all the same, no precompile
+    child, handed[:] = _EarlyChild(), []
+    assert cli.main(["--device", "cpu", "--outdir", "out", "missing.png"], early=child) == 1
+    assert handed == [] and child.log == ["discard"]
+    with pytest.raises(SystemExit):
+        cli.main(["--help"], early=(child := _EarlyChild()))
+    assert child.log == ["discard"]
+    # the demo
+    child = _EarlyChild()
+    with pytest.raises(SystemExit):
+        demo.main(["--device", "cpu", "--mode", "fast", "--port", "7999"], early=child)
+    assert child.log == ["discard"]
+    with pytest.raises(_Stop):
+        demo.build_pipelines(demo.parse_args(["--device", "cpu", "--random-weights"]), child)
+    assert handed == [child]
+    capsys.readouterr()
