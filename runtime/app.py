@@ -353,8 +353,12 @@ def run(args, early=None):
                 first = (*inputs.resized_shape(*image.shape[:2], params["image_resolution"]),
                          params["num_samples"])
             # rank 0 compiles ahead for a torchrun job: one set of worker processes per machine
-            pre = start_precompile(device, args.mode, first, tiny=args.tiny, early=early) \
-                if ranks.rank == 0 else None
+            if ranks.rank == 0:
+                pre = start_precompile(device, args.mode, first, tiny=args.tiny, early=early)
+            else:
+                pre = None
+                if early is not None:
+                    early.discard()
             try:
                 pipeline = build_pipeline(device, mode=args.mode, tiny=args.tiny, ckpt=ckpt,
                                           random_weights=args.random_weights,
