@@ -62,8 +62,8 @@ def _marker(key: str) -> str:
 class Precompile:
     """A running child: wait() for it, or cancel() it."""
 
-    def __init__(self, proc, result_path, started):
-        self.proc, self.result_path, self.started = proc, result_path, started
+    def __init__(self, proc, result_path, started, early=False):
+        self.proc, self.result_path, self.started, self.early = proc, result_path, started, early
 
     def cancel(self):
         """Stop the child (the caller's build failed: nothing will use its kernels)."""
@@ -96,8 +96,9 @@ class Precompile:
         if "error" in res:
             return f"kernel precompile skipped ({res['error']}); kernels compile on first use"
         failed = f", {len(res['failed'])} failed (compiled on first use)" if res["failed"] else ""
+        when = " (spawned before the imports)" if self.early else ""
         return (f"{res['kernels']} kernels compiled in {res['seconds']:.1f} s by {res['workers']} "
-                f"processes{failed}; ready {waited:.1f} s after the start")
+                f"processes{failed}; ready {waited:.1f} s after the start{when}")
 
 
 def start(device, hw, batch=1, config=None, early=None) -> Precompile | None:
@@ -114,7 +115,7 @@ def start(device, hw, batch=1, config=None, early=None) -> Precompile | None:
         return None
     if early is not None:
         early.send(job)
-        return Precompile(early.proc, job["result"], early.started)
+        return Precompile(early.proc, job["result"], early.started, early=True)
     args = [sys.executable, "-m", "kernels.precompile"]
     for flag, value in job.items():
         args += [f"--{flag}", *map(str, value if isinstance(value, list) else [value])]

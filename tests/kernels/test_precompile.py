@@ -115,6 +115,7 @@ def test_the_early_child_gets_its_job_on_stdin_and_compiles_it(tmp_path, monkeyp
     assert pre is not None and pre.proc is child.proc
     line = pre.wait(timeout=600)
     assert "kernels compiled" in line and "failed" not in line, line
+    assert line.endswith("(spawned before the imports)"), line
     assert os.path.exists(precompile._marker(precompile._key(target, (128, 192), 1)))
     # compiled: a second start has nothing to do, and discards the child it was handed
     child = early.spawn([])
@@ -177,4 +178,5 @@ def test_a_fast_generation_after_the_precompile_compiles_nothing_itself(tmp_path
         """, _env(tmp_path / "cache"), timeout=600)
     seen = json.loads(out.strip().splitlines()[-1])
     assert "kernels compiled" in seen["line"] and "failed" not in seen["line"], seen["line"]
+    assert seen["line"].endswith("(spawned before the imports)"), seen["line"]
     assert seen["misses"] == [] and seen["early"], seen
