@@ -1,0 +1,136 @@
+"""The demo's start-up as a user meets it: `python gradio_canny2image.py` launched in a fresh
+process, cold (an empty Triton cache folder) and then warm (a second launch on that folder).
+
+Per launch, from the moment the process is spawned:
+  * page: until GET / answers 200 (the page is served before the warm-up ends);
+  * first image: a request sent as soon as the page is up (gradio_client, 512², one image,
+    20 steps: the warm-up's shape), which waits for the warm-up and then runs;
+  * steady: the median of --repeats more requests, as the client sees them (web path included).
+The demo's own log lines (the precompile's, the warm-up's) are kept in the results.
+
+  python benchmarks/bench_demo_startup.py --out DIR                  # GPU: fast mode, random weights
+  python benchmarks/bench_demo_startup.py --out DIR -- --tiny        # flags after -- go to the demo
+
+Needs the demo's packages (gradio, gradio_client, httpx). Results: demo_startup_<tag>.json and a
+table on stdout, with device, versions and commit.
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(demo_flags, cache, repeats, picture, timeout):
+    """One launch: {page_s, first_image_s, steady_ms, log} (or error)."""
+    import httpx
+    from gradio_client import Client, handle_file
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = dict(os.environ, TRITON_CACHE_DIR=cache, GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONUNBUFFERED="1")
+    log = tempfile.TemporaryFile("w+")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "gradio_canny2image.py"),
+                             "--port", str(port), *demo_flags], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    res = {}
+    try:
+        deadline = start + timeout
+        while "page_s" not in res:
+            if proc.poll() is not None or time.perf_counter() > deadline:
+                raise RuntimeError(f"no page (exit {proc.poll()})")
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    res["page_s"] = time.perf_counter() - start
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        client = Client(url, verbose=False)
+        file = handle_file(picture)
+        args = (file, "a house", "best quality", "lowres", 1, 512, 20, False, 1.0, 9.0, 7, 0.0,
+                100, 200)
+        client.predict(*args, api_name="/process")
+        res["first_image_s"] = time.perf_counter() - start
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            client.predict(*args, api_name="/process")
+            times.append((time.perf_counter() - t) * 1e3)
+        res["steady_ms"] = statistics.median(times) if times else None
+    except Exception as e:
+        res["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.seek(0)
+        res["log"] = [line.rstrip() for line in log if "precompile" in line
+                      or "warm" in line.lower() or "error" in line.lower()][-12:]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=240, help="per launch, seconds")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--tag", default="gpu")
+    ap.add_argument("demo_flags", nargs="*", default=None,
+                    help="after --: the demo's flags (default: --random-weights)")
+    args = ap.parse_args()
+    sys.path.insert(0, REPO)
+    import torch
+    from PIL import Image
+
+    from runtime.sample import sample_image
+    flags = args.demo_flags or ["--random-weights"]
+    work = tempfile.mkdtemp(prefix="bench_demo_")
+    picture = os.path.join(work, "in.png")
+    Image.fromarray(sample_image(512, 512)).save(picture)
+    cache = os.path.join(work, "triton")
+    launches = {name: launch(flags, cache, args.repeats, picture, args.timeout)
+                for name in ("cold", "warm")}
+    commit = os.environ.get("GIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+        text=True).stdout.strip()
+    env = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "commit": commit,
+           "command": " ".join(["python", "benchmarks/bench_demo_startup.py", *sys.argv[1:]])}
+    import gradio
+    env["gradio"] = gradio.__version__
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"demo_startup_{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump({"env": env, "demo_flags": flags, "launches": launches}, f, indent=1)
+    print(f"{env['device']}, torch {env['torch']}, gradio {env['gradio']}, commit {commit}")
+    print("| launch | page served s | first image s | steady request ms |")
+    print("|---|---|---|---|")
+    for name, r in launches.items():
+        if "error" in r:
+            print(f"| {name} | error: {r['error']} | | |")
+            continue
+        steady = f"{r['steady_ms']:.0f}" if r["steady_ms"] else "–"
+        print(f"| {name} | {r['page_s']:.1f} | {r['first_image_s']:.1f} | {steady} |")
+    for name, r in launches.items():
+        for line in r["log"]:
+            print(f"  {name}: {line}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
