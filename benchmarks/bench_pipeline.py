@@ -67,10 +67,15 @@ ABLATION = [
     ("+fusions", dict(fusions=None)),   # kernels.DEFAULT_FUSIONS (= full fast mode)
     ("+conv_gemm", dict(fusions=FUSIONS)),  # + small-map 3x3 convolutions as im2col + GEMM
 ]
+# Rows outside the cumulative ablation: a row of it plus one change.
+VARIANTS = {"+vae_channels_last": ("+fusions", dict(vae_channels_last=True))}
 PROMPT = "a house under the sun"
 
 
 def ablation_options(upto, dtype):
+    if upto in VARIANTS:
+        base, change = VARIANTS[upto]
+        return dataclasses.replace(ablation_options(base, dtype), **change)
     opts = FastOptions.plain(dtype)
     for name, change in ABLATION:
         for k, v in change.items():
@@ -166,7 +171,7 @@ def run_row(name, pipe, model, args, refs, row_runner=None):
     results = []
     # The eager ablation steps are host-bound (~1-2 s a run): by default only at the first batch
     # size, which keeps the whole sweep under 8 minutes on an H100.
-    full = name in ("reference", "+cuda_graph", "+fusions", "+conv_gemm", "compile") \
+    full = name in ("reference", "+cuda_graph", "+fusions", "+conv_gemm", "compile", *VARIANTS) \
         or args.ablation_all_batches
     for size in args.sizes:
         # A square picture a little larger than `size`: resize_image gives exactly size x size.
@@ -309,7 +314,8 @@ def main():
                     help="run the eager ablation rows at every batch size too (+3-4 min)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rows", nargs="+", default=["reference"] + [n for n, _ in ABLATION],
-                    help="subset of: reference " + " ".join(n for n, _ in ABLATION))
+                    help="subset of: reference " + " ".join(n for n, _ in ABLATION)
+                    + " " + " ".join(VARIANTS))
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--no-eps-error", dest="eps_error", action="store_false")
     ap.add_argument("--no-profile", dest="profile", action="store_false",

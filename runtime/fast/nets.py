@@ -98,7 +98,7 @@ class FastNets:
         self.attention, self.attention_reason = resolve_attention(options, self.device)
         o = options
         target = {"unet": (o.dtype, o.channels_last), "control": (o.dtype, o.channels_last),
-                  "vae": (o.vae_dtype, False)}
+                  "vae": (o.vae_dtype, o.vae_channels_last)}
         self.low_vram = lowvram.enabled()
         # net name -> [(module, name, is_param, fp32 original in host memory)]; a tensor already
         # in host memory (build_model's HOST_BUILT, low-VRAM mode) is kept itself, not copied.

@@ -31,9 +31,11 @@ class FastOptions:
     fusions: Optional[tuple] = None     # kernels.patch fusions; None: kernels.DEFAULT_FUSIONS
     batched_cfg: bool = True            # cond + uncond in one call of batch 2B
     precompute: bool = True             # hint block, time embeddings, text K/V once per generation
-    # UNet + ControlNet in NHWC (H100: 17.1 -> 15.1 ms a step); the VAE stays NCHW (it is slower
-    # in NHWC: 21.6 -> 27.6 ms).
+    # UNet + ControlNet in NHWC (H100: 17.1 -> 15.1 ms a step).
     channels_last: bool = True
+    # The VAE in NHWC: measured slower at an earlier commit (H100: 21.6 -> 27.6 ms a decode);
+    # measured again in bench_pipeline's row "+vae_channels_last".
+    vae_channels_last: bool = False
     cuda_graph: bool = True             # the whole step captured once per shape and replayed
     two_streams: bool = True            # the ControlNet on a second stream beside the UNet encoder
     graph_cache_size: int = 3           # captured shapes kept (LRU), each with its memory pool

@@ -184,6 +184,8 @@ class FastRunner:
         is decoded again in fp32 (with a warning)."""
         o = self.options
         zs = (1.0 / self.model.scale_factor) * z
+        if o.vae_channels_last:
+            zs = zs.contiguous(memory_format=torch.channels_last)
         with self._on_device(), _cudnn_benchmark(o.cudnn_benchmark), \
                 lowvram.resident(self.vae, self.device):       # low-VRAM: host VAE, for now
             x = self.vae.decode(zs.to(o.vae_dtype)).float()

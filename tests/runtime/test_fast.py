@@ -322,6 +322,19 @@ def test_one_copy_of_each_network_in_the_fast_dtype(model, inputs, runner):
     assert r.kernel_handle.active
 
 
+def test_vae_channels_last_decodes_the_same_images(model, runner):
+    """FastOptions.vae_channels_last: the VAE's weights and its input in NHWC; the decode is the
+    NCHW decode's up to the convolutions' summation order (fp32 on the CPU)."""
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    first = runner()
+    nchw = first.decode(z)
+    first.close()
+    runner_nhwc = runner(vae_channels_last=True)
+    conv = next(m for m in runner_nhwc.vae.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(runner_nhwc.decode(z), nchw, rtol=1e-4, atol=1e-4)
+
+
 def test_close_gives_the_model_back_exactly(model, inputs, runner):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     r = runner(dtype="bf16", channels_last=True)
@@ -396,6 +409,25 @@ def test_graph_replay_after_the_hint_batch_changes(gpu_model):
     finally:
         r.close()
     torch.testing.assert_close(z_g, z_e, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_vae_channels_last_on_the_gpu_decodes_the_same_images(gpu_model):
+    """fp16 with the Triton GroupNorm kernels in NHWC against the NCHW decode; no patched site
+    falls back to torch."""
+    z = torch.randn(2, 4, 16, 8, generator=torch.Generator(device="cuda").manual_seed(5),
+                    device="cuda")
+    images = []
+    for cl in (False, True):
+        r = FastRunner(gpu_model, FastOptions(vae_channels_last=cl))
+        try:
+            images.append(r.decode(z))
+            counts = r.kernel_handle.counts
+            assert counts["group_norm"]["calls"] > 0, counts
+            assert all(c.get("fallbacks", 0) == 0 for c in counts.values()), counts
+        finally:
+            r.close()
+    torch.testing.assert_close(images[1], images[0], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
