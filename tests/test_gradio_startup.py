@@ -115,7 +115,7 @@ def test_no_warmup_flag_means_no_waiting(monkeypatch):
     """--no-warmup: no WarmUp, the pool never waits (create_demo without `warming`)."""
     started = []
     monkeypatch.setattr(app, "warm_up", lambda pipelines: started.append(pipelines))
-    monkeypatch.setattr(app, "build_pipelines", lambda args: ([object()], None, None))
+    monkeypatch.setattr(app, "build_pipelines", lambda args, early=None: ([object()], None, None))
     launched = []
     monkeypatch.setattr(app, "launch", lambda demo, **kw: launched.append(demo))
     monkeypatch.setattr(app, "create_demo",
