@@ -178,7 +178,8 @@ def _gpu_conv_layout():
 def build_model(channels_last=True, config=CONFIG_FULL):
     """The ControlLDM of `config` (default: full size) on the meta device as fast mode prepares it
     (runtime/fast/nets.py): fp16 with GroupNorm32's affine parameters in fp32, UNet + ControlNet
-    channels_last (fast mode's default), VAE NCHW, eval. Shapes and strides only, no memory.
+    channels_last (fast mode's default), the VAE too where FastOptions().vae_channels_last, eval.
+    Shapes and strides only, no memory.
     Built as runtime.weights builds every model (parameters on meta, no init), then the few
     buffers moved there too (computing the noise schedule on meta tensors would import
     torch._dynamo: a second of start-up for kernels.precompile)."""
@@ -194,7 +195,14 @@ def build_model(channels_last=True, config=CONFIG_FULL):
                 m.float()
         if channels_last:
             net.to(memory_format=torch.channels_last)
+    if channels_last and _vae_channels_last():
+        model.first_stage_model.to(memory_format=torch.channels_last)
     return model
+
+
+def _vae_channels_last():
+    from runtime.fast.options import FastOptions
+    return FastOptions().vae_channels_last
 
 
 def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
@@ -245,8 +253,10 @@ def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
                 site[0] = f"clip B{B}"
                 model.cond_stage_model.transformer(input_ids=torch.zeros(B, 77, dtype=torch.long, **meta))
             site[0] = f"vae decode B{decode_batch}"
+            vae_fmt = torch.channels_last if channels_last and _vae_channels_last() \
+                else torch.contiguous_format
             model.decode_first_stage(torch.empty(decode_batch, 4, lat_h, lat_w, dtype=torch.float16,
-                                                 device="meta"))
+                                                 device="meta", memory_format=vae_fmt))
         finally:
             handle.undo()
             for h in hooks:

@@ -33,9 +33,10 @@ class FastOptions:
     precompute: bool = True             # hint block, time embeddings, text K/V once per generation
     # UNet + ControlNet in NHWC (H100: 17.1 -> 15.1 ms a step).
     channels_last: bool = True
-    # The VAE in NHWC: measured slower at an earlier commit (H100: 21.6 -> 27.6 ms a decode);
-    # measured again in bench_pipeline's row "+vae_channels_last".
-    vae_channels_last: bool = False
+    # The VAE in NHWC too: slower at an earlier commit (H100: 21.6 -> 27.6 ms a decode), faster
+    # with the NHWC GroupNorm kernels (H100, b98671a: 10.50 -> 9.64 ms of GPU time a 512² decode,
+    # 298 -> 185 kernels, steady peak 3.72 -> 3.56 GiB; benchmarks/results/bench_h100_20261207_vae.md).
+    vae_channels_last: bool = True
     cuda_graph: bool = True             # the whole step captured once per shape and replayed
     two_streams: bool = True            # the ControlNet on a second stream beside the UNet encoder
     graph_cache_size: int = 3           # captured shapes kept (LRU), each with its memory pool
@@ -70,14 +71,15 @@ class FastOptions:
         """The ablation's starting point: the model in `dtype`, eager, SDPA attention, two CFG
         calls per step, nothing precomputed, NCHW, no kernels, no graph."""
         return cls(dtype=dtype, kernels=False, batched_cfg=False, precompute=False,
-                   channels_last=False, cuda_graph=False, two_streams=False)
+                   channels_last=False, vae_channels_last=False, cuda_graph=False,
+                   two_streams=False)
 
     @classmethod
     def for_device(cls, device, **overrides):
         """Full fast mode on CUDA/HIP; on CPU fp32 without graphs or kernels (same logic)."""
         if torch.device(device).type != "cuda":
-            base = dict(dtype=torch.float32, kernels=False, channels_last=False, cuda_graph=False,
-                        two_streams=False)
+            base = dict(dtype=torch.float32, kernels=False, channels_last=False,
+                        vae_channels_last=False, cuda_graph=False, two_streams=False)
             base.update(overrides)
             return cls(**base)
         return cls(**overrides)

@@ -329,7 +329,7 @@ def test_vae_channels_last_decodes_the_same_images(model, runner):
     first = runner()
     nchw = first.decode(z)
     first.close()
-    runner_nhwc = runner(vae_channels_last=True)
+    runner_nhwc = runner(vae_channels_last=True)   # off on the CPU by default
     conv = next(m for m in runner_nhwc.vae.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(runner_nhwc.decode(z), nchw, rtol=1e-4, atol=1e-4)
