@@ -16,7 +16,7 @@ Rows:
   (UNet, ControlNet and VAE), +cuda_graph (two streams), +fusions (kernels.DEFAULT_FUSIONS: =
   full fast mode), +conv_gemm (every fusion, also the small-map 3x3 convolutions as im2col +
   GEMM: not a default)
-  -vae_channels_last   +fusions with the VAE in NCHW (as before b98671a's measurement)
+  vae_nchw             +fusions with the VAE in NCHW (as before b98671a's measurement)
   compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
                        in a subprocess with a time limit: "did not compile within N s" is
                        recorded if it runs over
@@ -70,7 +70,7 @@ ABLATION = [
     ("+conv_gemm", dict(fusions=FUSIONS)),  # + small-map 3x3 convolutions as im2col + GEMM
 ]
 # Rows outside the cumulative ablation: a row of it plus one change.
-VARIANTS = {"-vae_channels_last": ("+fusions", dict(vae_channels_last=False))}
+VARIANTS = {"vae_nchw": ("+fusions", dict(vae_channels_last=False))}
 PROMPT = "a house under the sun"
 
 
