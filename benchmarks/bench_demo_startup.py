@@ -114,22 +114,35 @@ def main():
     import gradio
     env["gradio"] = gradio.__version__
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"demo_startup_{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump({"env": env, "demo_flags": flags, "launches": launches}, f, indent=1)
-    print(f"{env['device']}, torch {env['torch']}, gradio {env['gradio']}, commit {commit}")
-    print("| launch | page served s | first image s | steady request ms |")
-    print("|---|---|---|---|")
+    data = {"env": env, "demo_flags": flags, "launches": launches}
+    path = os.path.join(args.out, f"demo_startup_{args.tag}")
+    with open(path + ".json", "w") as f:
+        json.dump(data, f, indent=1)
+    text = markdown(data)
+    with open(path + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {path}.json and .md")
+
+
+def markdown(data):
+    """The results as a Markdown page: the table, then the demo's own log lines."""
+    env, launches = data["env"], data["launches"]
+    lines = [f"# The demo's start-up — {env['device']}", "",
+             f"torch {env['torch']}, gradio {env['gradio']}, commit {env['commit']}; "
+             f"`{env['command']}`; demo flags `{' '.join(data['demo_flags'])}`. Times from the "
+             "spawn of `python gradio_canny2image.py`; requests through gradio_client (512², one "
+             "image, 20 steps).", "",
+             "| launch | page served s | first image s | steady request ms |", "|---|---|---|---|"]
     for name, r in launches.items():
         if "error" in r:
-            print(f"| {name} | error: {r['error']} | | |")
+            lines.append(f"| {name} | error: {r['error']} | | |")
             continue
         steady = f"{r['steady_ms']:.0f}" if r["steady_ms"] else "–"
-        print(f"| {name} | {r['page_s']:.1f} | {r['first_image_s']:.1f} | {steady} |")
-    for name, r in launches.items():
-        for line in r["log"]:
-            print(f"  {name}: {line}")
-    print(f"wrote {path}")
+        lines.append(f"| {name} | {r['page_s']:.1f} | {r['first_image_s']:.1f} | {steady} |")
+    lines += ["", "The demo's log:", ""]
+    lines += [f"    {name}: {line}" for name, r in launches.items() for line in r["log"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
