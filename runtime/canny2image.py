@@ -13,8 +13,8 @@ fp32 weights (brought from host memory for each call), so its results do not cha
 Threads: calls on one model (one Canny2Image, or several on the same model) run one at a time
 (a lock per model), and the seeded noise is drawn under runtime/seed.py's RNG_LOCK (held for
 the whole run where it draws every step: reference mode, or eta > 0), so a call gives the images
-a serial call with the same seed gives; reference runs on two models therefore take turns. `cancel=` (a threading.Event) stops a
-call at the next DDIM step with runtime.errors.Cancelled.
+a serial call with the same seed gives; reference runs on two models therefore take turns.
+`cancel=` (a threading.Event) stops a call at the next DDIM step with runtime.errors.Cancelled.
 """
 import contextlib
 import random

@@ -135,14 +135,18 @@ def parse_args(argv):
 
 
 def main(argv=None, early=None):
-    """`early`: the kernel precompile child runtime/launch.py spawned before importing this."""
-    from runtime.outputs import OutputError, Terminated, handle_sigterm, shown
+    """`early`: the kernel precompile child runtime/launch.py spawned before importing this; it is
+    discarded on the way out unless the run handed it its job."""
     try:
-        args = parse_args(argv)
-    except SystemExit:
+        return _main(argv, early)
+    finally:
         if early is not None:
-            early.discard()
-        raise
+            early.discard()   # a no-op once it has its job
+
+
+def _main(argv, early):
+    from runtime.outputs import OutputError, Terminated, handle_sigterm, shown
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="canny2image: %(message)s")
     previous = (handle_sigterm() if threading.current_thread() is threading.main_thread()
                 else None)
@@ -174,8 +178,6 @@ def main(argv=None, early=None):
                   f"for the traceback)", file=sys.stderr)
         return 1
     finally:
-        if early is not None:
-            early.discard()   # a no-op once it has its job
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0

@@ -33,13 +33,18 @@ def _wants_fast_mode(argv):
         return False
     if not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
         return False
-    for name, ruled_out in (("--mode", "reference"), ("--device", "cpu")):
-        for i, a in enumerate(argv):
-            value = argv[i + 1] if a == name and i + 1 < len(argv) else \
-                a.split("=", 1)[1] if a.startswith(name + "=") else None
-            if value == ruled_out:
-                return False
-    return True
+    return _flag(argv, "--mode") != "reference" and _flag(argv, "--device") != "cpu"
+
+
+def _flag(argv, name):
+    """The value of `name` in argv (`--name value` or `--name=value`; the last one wins)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 class EarlyChild:
@@ -49,15 +54,14 @@ class EarlyChild:
         self.proc, self.started, self.sent = proc, started, False
 
     def send(self, job):
-        """Hand the child its job (kernels/precompile.py's flags as a dict); False if it is gone
-        (it failed while importing: Precompile.wait says so)."""
+        """Hand the child its job (kernels/precompile.py's flags as a dict). A child already gone
+        (it failed while importing) shows in Precompile.wait's line."""
         self.sent = True
         try:
             self.proc.stdin.write((json.dumps(job) + "\n").encode())
             self.proc.stdin.close()
-            return True
         except OSError:
-            return False
+            pass
 
     def discard(self):
         """Stop the child unless it has its job (no-op then: its handle owns it)."""

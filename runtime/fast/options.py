@@ -34,8 +34,9 @@ class FastOptions:
     # UNet + ControlNet in NHWC (H100: 17.1 -> 15.1 ms a step).
     channels_last: bool = True
     # The VAE in NHWC too: slower at an earlier commit (H100: 21.6 -> 27.6 ms a decode), faster
-    # with the NHWC GroupNorm kernels (H100, b98671a: 10.50 -> 9.64 ms of GPU time a 512² decode,
-    # 298 -> 185 kernels, steady peak 3.72 -> 3.56 GiB; benchmarks/results/bench_h100_20261207_vae.md).
+    # now (H100, b98671a: 10.50 -> 9.64 ms of GPU time a 512² decode, 298 -> 185 kernels;
+    # H200, 3e82606: 9.89 -> 8.98 ms, steady peak 3.77-3.82 -> 3.50-3.64 GiB in two runs;
+    # benchmarks/results/bench_h100_20261207_vae.md, bench_h200_20261207_3e82606*.md).
     vae_channels_last: bool = True
     cuda_graph: bool = True             # the whole step captured once per shape and replayed
     two_streams: bool = True            # the ControlNet on a second stream beside the UNet encoder
