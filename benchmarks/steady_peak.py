@@ -1,0 +1,66 @@
+"""Which allocations are live at the steady GPU-memory peak of a fast 512² request.
+
+One fast pipeline (random weights) serves two requests, then a third under torch's memory
+history; the history is replayed to find the moment of the most memory allocated, and what was
+live then is grouped by its first stack frames outside torch. Needs a GPU.
+
+    python benchmarks/steady_peak.py
+"""
+import collections
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from runtime import app  # noqa: E402
+from runtime.sample import sample_image  # noqa: E402
+
+def where(ev):
+    frames = [f for f in ev.get("frames", []) if f["filename"].endswith(".py")
+              and "/torch/" not in f["filename"]]
+    return "; ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in frames[:3])
+
+
+def main():
+    device = torch.device("cuda")
+    pipe = app.build_pipeline(device, mode="fast", random_weights=True)
+    kw = dict(prompt="a house", a_prompt="best quality", n_prompt="lowres", num_samples=1,
+              image_resolution=512, ddim_steps=20, guess_mode=False, strength=1.0, scale=9.0, seed=1,
+              eta=0.0, low_threshold=100, high_threshold=200)
+    img = sample_image(512, 512)
+    for _ in range(2):
+        pipe.process(img, **kw)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=200000)
+    pipe.process(img, **kw)
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak = torch.cuda.max_memory_allocated()
+    print(f"held before {held/2**30:.3f} GiB, steady peak {peak/2**30:.3f} GiB")
+    # replay: live allocations over time (from the held baseline, which predates the recording)
+    live, total, best, best_live = {}, 0, -1, None
+    for ev in snap["device_traces"][0]:
+        a = ev["action"]
+        if a == "alloc":
+            live[ev["addr"]] = ev; total += ev["size"]
+        elif a == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])["size"]
+        if total > best:
+            best, best_live = total, dict(live)
+    print(f"recorded allocations live at the peak: {best/2**30:.3f} GiB (on top of what was held)")
+
+    groups = collections.Counter()
+    for ev in best_live.values():
+        groups[where(ev)] += ev["size"]
+    for w, size in groups.most_common(15):
+        print(f"{size/2**20:9.1f} MiB  {w}")
+    print(torch.cuda.memory_summary(abbreviated=True).splitlines()[0])
+    print("segments:", sum(s["total_size"] for s in snap["segments"]) / 2**30, "GiB reserved")
+
+
+if __name__ == "__main__":
+    main()
