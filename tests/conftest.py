@@ -37,6 +37,19 @@ def assert_matches_reference(ours, ref, what, rel_tol=REFERENCE_REL_TOL):
     return diff / scale
 
 
+def big_file_folder(tmp_path, nbytes):
+    """A folder with room for a file of `nbytes` (and 1 GiB to spare): `tmp_path`, else /dev/shm.
+    CI machines have had less than 300 MB of free disk; where neither has room the test is
+    skipped, naming the room it needed."""
+    import shutil
+    need = nbytes + 2**30
+    for folder in (str(tmp_path), "/dev/shm"):
+        if os.path.isdir(folder) and shutil.disk_usage(folder).free >= need:
+            return folder
+    pytest.skip(f"needs {need / 2**30:.1f} GiB free in {tmp_path} or /dev/shm for a full-size "
+                f"checkpoint; neither has it")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

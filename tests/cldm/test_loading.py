@@ -18,7 +18,7 @@ from cldm.model import (
     load_checkpoint,
     load_state_dict,
 )
-from conftest import FULL_CONFIG, TINY_CONFIG
+from conftest import FULL_CONFIG, TINY_CONFIG, big_file_folder
 from runtime.weights import build_model
 
 
@@ -219,26 +219,27 @@ def _digests(model):
 @pytest.mark.slow
 def test_full_size_round_trips(tmp_path):
     """Random full-size weights saved as .safetensors and as a nested .pth load back strictly and
-    bit-identically. At most one full-size model and one file's tensors in memory at a time."""
+    bit-identically. At most one full-size model and one file's tensors in memory at a time, and
+    one file on disk (removed however the test ends)."""
     model = build_model(FULL_CONFIG, random_weights=True, seed=0)
     reference = _digests(model)
     assert len(reference) == 1484
-    path = str(tmp_path / "full.safetensors")
-    safetensors.torch.save_file(model.state_dict(), path)
-    del model
-    gc.collect()
-
-    model = build_model(FULL_CONFIG, ckpt=path)
-    os.remove(path)
-    assert model.random_weights is False and _digests(model) == reference
-    path = str(tmp_path / "full.pth")
-    torch.save({"state_dict": model.state_dict()}, path)
-    del model
-    gc.collect()
-
-    model = build_model(FULL_CONFIG, ckpt=path)
-    os.remove(path)
-    assert _digests(model) == reference
+    nbytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    folder = big_file_folder(tmp_path, nbytes)
+    for name in ("full.safetensors", "full.pth"):
+        path = os.path.join(folder, f"test_full_size_round_trips_{os.getpid()}_{name}")
+        try:
+            if name.endswith(".safetensors"):
+                safetensors.torch.save_file(model.state_dict(), path)
+            else:
+                torch.save({"state_dict": model.state_dict()}, path)
+            del model
+            gc.collect()
+            model = build_model(FULL_CONFIG, ckpt=path)
+        finally:
+            if os.path.exists(path):
+                os.remove(path)
+        assert model.random_weights is False and _digests(model) == reference
 
 
 @pytest.mark.parametrize("name, content", [
