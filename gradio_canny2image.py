@@ -87,18 +87,24 @@ UPLOAD_ONLY = ("The image must be a file uploaded to this demo (the page does it
 class _PipelinePool:
     """One pipeline per queue worker, so no two requests ever share a model at the same time
     (Canny2Image would make them wait on its model's lock). The seeded noise does not depend on
-    what runs at the same time on other GPUs (runtime/seed.py's RNG_LOCK)."""
+    what runs at the same time on other GPUs (runtime/seed.py's RNG_LOCK). Requests wait for the
+    start-up (Startup.ready) before they take a pipeline."""
 
-    def __init__(self, pipelines, ready=None):
-        self.size = len(pipelines)
-        self._free = queue.Queue()
-        self._ready = ready       # a threading.Event: requests wait for the warm-up (WarmUp)
-        for p in pipelines:
-            self._free.put(p)
+    def __init__(self, startup):
+        self.size = startup.workers
+        self._startup = startup
+        self._free = None
+        self._lock = threading.Lock()
 
     def acquire(self):
-        if self._ready is not None:
-            self._ready.wait()
+        self._startup.ready.wait()
+        if self._startup.error is not None:
+            raise _error(f"The demo could not start: {self._startup.error}")
+        with self._lock:
+            if self._free is None:
+                self._free = queue.Queue()
+                for p in self._startup.pipelines:
+                    self._free.put(p)
         return self._free.get()
 
     def release(self, pipeline):
@@ -274,14 +280,15 @@ def _retrieve(future):
         future.exception()          # an abandoned run's error: no "never retrieved" log
 
 
-def make_process(pipelines, ready=None):
-    """The function the Run button calls: the 14 UI inputs → gallery images, or a gr.Error.
+def make_process(pipelines=None, startup=None):
+    """The function the Run button calls: the 14 UI inputs → gallery images, or a gr.Error, and
+    the number of queue workers. `pipelines`: ready now; or `startup`: a Startup, whose pipelines
+    requests wait for.
 
     It is a coroutine that runs the work in a thread: when Gradio cancels the request (the Stop
     button, /cancel) or its client closes the event stream, it sets the run's cancel event, and
-    the pipeline stops at its next DDIM step and goes back to the pool. With `ready` (a
-    threading.Event), requests wait for it before they take a pipeline."""
-    pool = _PipelinePool(pipelines, ready)
+    the pipeline stops at its next DDIM step and goes back to the pool."""
+    pool = _PipelinePool(startup or Startup.given(pipelines))
     infos = RequestInfos()
 
     async def process(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
@@ -455,51 +462,93 @@ def warm_up(pipelines):
     return seconds
 
 
+LOADING = ("**Loading the model…**: a request sent now waits for it and then runs.")
 WARMING_UP = ("**Warming up…** (compiling kernels, capturing graphs): a request sent now waits "
               "for it and then runs.")
 
 
-class WarmUp:
-    """warm_up(pipelines) in a background thread while the page is already served: requests wait
-    for `done` (the pipeline pool checks it) and the page says so until then. A failed warm-up is
-    logged and requests run without it (they then pay the compilation themselves)."""
+class Startup:
+    """The pipelines, built and warmed up in a background thread while the page is already served
+    (or given ready-made). Requests wait for `ready` (the pipeline pool does) and the page shows
+    `status()` until then. A failed build sets `error` (one line; main() stops the demo with it);
+    a failed warm-up is logged and requests run without it (they then pay the compilation)."""
 
-    def __init__(self, pipelines, precompiling=None):
-        """`precompiling`: app.start_precompile's handle, waited for before the warm-up."""
-        self.done = threading.Event()
-        self.seconds = None
-        self._precompiling = precompiling
-        self._thread = threading.Thread(target=self._run, args=(pipelines,), name="warm-up",
-                                        daemon=True)
+    def __init__(self, build, workers, warm=True):
+        """`build()` → (pipelines, precompiling): the pipelines and app.start_precompile's handle
+        (or None), waited for before the warm-up. `workers`: how many pipelines it builds."""
+        self.workers, self._build, self._warm = workers, build, warm
+        self.built, self.ready = threading.Event(), threading.Event()
+        self.pipelines = self.error = self.seconds = None
+        self._thread = threading.Thread(target=self._run, name="start-up", daemon=True)
+
+    @classmethod
+    def given(cls, pipelines, precompiling=None, warm=False):
+        """Pipelines built already; without a warm-up they are ready at once."""
+        pipelines = list(pipelines) if isinstance(pipelines, (list, tuple)) else [pipelines]
+        startup = cls(lambda: (pipelines, precompiling), len(pipelines), warm)
+        if not warm:
+            startup._run()
+        return startup
 
     def start(self):
         self._thread.start()
         return self
 
-    def _run(self, pipelines):
+    def busy(self):
+        """Whether the start-up thread is still building or warming up."""
+        return self._thread.is_alive()
+
+    def _run(self):
         try:
-            if self._precompiling is not None:
-                log.info("%s", self._precompiling.wait())
-            self.seconds = warm_up(pipelines)
+            self.pipelines, precompiling = self._build()
+        except BaseException as e:
+            self.error = startup_error(e)
+            self.built.set()
+            self.ready.set()
+            return
+        self.built.set()
+        try:
+            if self._warm:
+                if precompiling is not None:
+                    log.info("%s", precompiling.wait())
+                self.seconds = warm_up(self.pipelines)
         except Exception:
             log.exception("warm-up failed: requests run without it")
         finally:
-            self.done.set()
+            self.ready.set()
 
     def status(self):
-        """The line shown on the page: WARMING_UP until the warm-up is done, then nothing."""
-        return "" if self.done.is_set() else WARMING_UP
+        """The line shown on the page: what the start-up is doing, its error, or nothing."""
+        if self.error is not None:
+            return f"**The demo could not start:** {self.error}"
+        if not self.built.is_set():
+            return LOADING
+        return "" if self.ready.is_set() else WARMING_UP
+
+
+def startup_error(e):
+    """One line for an exception of the model build (SystemExit's own text as it is)."""
+    if isinstance(e, SystemExit):
+        return str(e.code).removeprefix("error: ")
+    if isinstance(e, (app.AppError, InputError, CheckpointError)):
+        return str(e)
+    if isinstance(e, OUT_OF_MEMORY):
+        return "out of GPU memory while loading the model"
+    if isinstance(e, MemoryError):
+        return "out of host memory while loading the model"
+    log.error("the model build failed", exc_info=e)
+    return f"the model build failed ({type(e).__name__}: {e}); details are in the log above"
 
 
 # ---------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------
 
-def create_demo(pipeline, banner=None, warming=None):
-    """Build the page. `pipeline`: a Canny2Image, or a list of them (one queue worker each).
-    `warming`: a WarmUp; until it is done the page says so and requests wait for it."""
-    pipelines = list(pipeline) if isinstance(pipeline, (list, tuple)) else [pipeline]
-    process, workers = make_process(pipelines, warming.done if warming else None)
+def create_demo(pipeline=None, banner=None, startup=None):
+    """Build the page. `pipeline`: a Canny2Image, or a list of them (one queue worker each), ready
+    now; or `startup`: a Startup, whose status the page shows until it is ready (requests wait
+    for it)."""
+    process, workers = make_process(pipeline, startup)
     r = SLIDER_RANGES
     with CheckedBlocks(title="ControlNet canny2image", delete_cache=DELETE_CACHE) as demo:
         with gr.Row():
@@ -507,16 +556,16 @@ def create_demo(pipeline, banner=None, warming=None):
         if banner:
             with gr.Row():
                 gr.Markdown(banner, elem_id="weights-banner")
-        if warming is not None:
+        if startup is not None:
             with gr.Row():
-                status = gr.Markdown(warming.status(), elem_id="warm-up")
-            # refreshed on page load and every second until the warm-up is done (then the timer
+                status = gr.Markdown(startup.status(), elem_id="warm-up")
+            # refreshed on page load and every second until the start-up is over (then the timer
             # stops); no concurrency limit, so it never waits behind a generation
-            timer = gr.Timer(1.0, active=not warming.done.is_set())
+            timer = gr.Timer(1.0, active=bool(startup.status()))
 
             def tick():
-                text = warming.status()
-                return text, gr.Timer(active=bool(text))
+                text = startup.status()
+                return text, gr.Timer(active=bool(text) and startup.error is None)
             for event in (timer.tick, demo.load):
                 event(tick, outputs=[status, timer], concurrency_limit=None,
                       show_progress="hidden", api_visibility="private")
@@ -703,20 +752,15 @@ def _devices(spec):
         raise SystemExit(f"error: {e}") from None
 
 
-def build_pipelines(args, early=None):
-    """(pipelines, banner, precompiling): the pipelines (one per device, built by runtime/app.py),
-    the banner to show, and fast mode's kernel precompile for the warm-up's shape, started before
-    the build (app.start_precompile; None if none), from the parsed flags. Without a checkpoint
-    the demo still starts, on random weights. `early`: runtime/early.py's waiting precompile
-    child, which gets the precompile's job (the caller discards it on an error before)."""
+def plan_pipelines(args):
+    """(devices, mode, ckpt, random_weights, banner) from the parsed flags, at once (no model is
+    built): a wrong device or mode ends in SystemExit with one line before the page is served.
+    Without a checkpoint the demo still starts, on random weights, and the banner says so."""
     devices = _devices(args.device)
-    on_gpu = devices[0].startswith("cuda")
     mode = args.mode or app.default_mode(devices[0])
-    if mode == "fast" and not on_gpu:
+    if mode == "fast" and not devices[0].startswith("cuda"):
         raise SystemExit("error: --mode fast needs a GPU: use --mode reference on the CPU")
-
-    banner = None
-    ckpt = None
+    banner = ckpt = None
     random_weights = args.random_weights
     if args.tiny:
         banner = "Tiny model with random weights (`--tiny`): a smoke test, outputs are noise."
@@ -729,7 +773,16 @@ def build_pipelines(args, early=None):
             banner = no_checkpoint_banner()
             log.warning("no checkpoint at %s: starting with random weights (images are noise). "
                         "Download it from %s", DEFAULT_CHECKPOINT, CKPT_URL)
+    return devices, mode, ckpt, random_weights, banner
 
+
+def build_pipelines(args, early=None, plan=None):
+    """(pipelines, banner, precompiling): the pipelines (one per device, built by runtime/app.py),
+    the banner to show, and fast mode's kernel precompile for the warm-up's shape, started before
+    the build (app.start_precompile; None if none), from the parsed flags (and their
+    plan_pipelines, if made already). `early`: runtime/early.py's waiting precompile child, which
+    gets the precompile's job (the caller discards it on an error before)."""
+    devices, mode, ckpt, random_weights, banner = plan or plan_pipelines(args)
     precompiling = app.start_precompile(devices[0], mode, (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION, 1),
                                         tiny=args.tiny, early=early)
     pipelines = []
@@ -787,32 +840,66 @@ def clean_on_exit(folder):
 
 
 def main(argv=None, early=None):
-    """Start the demo; every start-up error ends in one line and exit status 1. `early`: the
-    kernel precompile child spawned before the imports (runtime/early.py)."""
+    """Start the demo; every start-up error ends in one line and exit status 1. The page is
+    served as soon as the flags are checked; the model is built and warmed up behind it
+    (Startup), and a failed build stops the demo with its line. `early`: the kernel precompile
+    child spawned before the imports (runtime/early.py)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = parse_args(argv)
         host = "0.0.0.0" if args.listen else "127.0.0.1"
         check_port(host, args.port)                   # at once, not after the model is built
-        pipelines, banner, precompiling = build_pipelines(args, early)
-    except (app.AppError, InputError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except OUT_OF_MEMORY:
-        raise SystemExit("error: out of GPU memory while loading the model") from None
-    finally:
+        plan = plan_pipelines(args)
+    except BaseException:
         if early is not None:
-            early.discard()   # a no-op once it has its job
+            early.discard()
+        raise
+
+    def build():
+        try:
+            pipelines, _, precompiling = build_pipelines(args, early, plan)
+        finally:
+            if early is not None:
+                early.discard()   # a no-op once it has its job
+        return pipelines, precompiling
+    startup = Startup(build, workers=len(plan[0]), warm=not args.no_warmup)
     clean_on_exit(own_cache_folder())             # before the page: Gradio reads it then
-    # The page is served at once; the warm-up runs behind it (requests wait for it).
-    warming = None if args.no_warmup else WarmUp(pipelines, precompiling)
-    demo = create_demo(pipelines, banner=banner, warming=warming)
-    if warming is not None:
-        warming.start()
+    demo = create_demo(banner=plan[4], startup=startup)
+    startup.start()
     try:
-        launch(demo, server_name=host, server_port=args.port, share=args.share,
-               allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()])
-    except OSError as e:          # e.g. the port was taken after check_port
-        raise SystemExit(f"error: {e}") from None
+        try:
+            launch(demo, server_name=host, server_port=args.port, share=args.share,
+                   allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()],
+                   prevent_thread_lock=True)
+        except OSError as e:          # e.g. the port was taken after check_port
+            raise SystemExit(f"error: {e}") from None
+        startup.built.wait()
+        if startup.error is not None:
+            raise SystemExit(f"error: {startup.error}")
+        demo.block_thread()                       # until Ctrl-C (or SIGTERM, SIGHUP)
+    except KeyboardInterrupt:                     # during the build
+        stop(demo, startup, 130)
+        raise SystemExit(130) from None
+    except SystemExit as e:
+        stop(demo, startup, e.code)
+        raise
+    stop(demo, startup, 0)
+
+
+def stop(demo, startup, code):
+    """Close the server. If the start-up thread is still building or warming up, end the process
+    now (exit handlers first, so the upload cache goes): torch aborts ("terminate called without
+    an active exception") when the interpreter shuts down under a thread inside it."""
+    demo.close(verbose=False)
+    if not startup.busy():
+        return
+    if isinstance(code, str):                     # SystemExit("error: ...")
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

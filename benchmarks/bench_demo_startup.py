@@ -2,7 +2,8 @@
 process, cold (an empty Triton cache folder) and then warm (a second launch on that folder).
 
 Per launch, from the moment the process is spawned:
-  * page: until GET / answers 200 (the page is served before the warm-up ends);
+  * page: until GET / answers 200 (the page is served before the model is built);
+  * model built: until the demo logs its queue workers (the model build is done);
   * first image: a request sent as soon as the page is up (gradio_client, 512², one image,
     20 steps: the warm-up's shape), which waits for the warm-up and then runs;
   * steady: the median of --repeats more requests, as the client sees them (web path included).
@@ -10,6 +11,8 @@ The demo's own log lines (the precompile's, the warm-up's) are kept in the resul
 
   python benchmarks/bench_demo_startup.py --out DIR                  # GPU: fast mode, random weights
   python benchmarks/bench_demo_startup.py --out DIR -- --tiny        # flags after -- go to the demo
+  python benchmarks/bench_demo_startup.py --no-requests -- --device cpu --random-weights
+                                                  # CPU: page and model build only (no request)
 
 Needs the demo's packages (gradio, gradio_client, httpx). Results: demo_startup_<tag>.json and a
 table on stdout, with device, versions and commit.
@@ -22,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,19 +37,41 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(demo_flags, cache, repeats, picture, timeout):
-    """One launch: {page_s, first_image_s, steady_ms, log} (or error)."""
+MODEL_BUILT = "queue worker(s)"        # the demo's log line once its pipelines are built
+
+
+def _watch(path, line, stop):
+    """Seconds (perf_counter) when `line` first appears in the file at `path`, polled every 20 ms
+    until `stop` is set; in a list, filled by a thread."""
+    seen = []
+
+    def poll():
+        while not stop.is_set() and not seen:
+            with open(path) as f:
+                if line in f.read():
+                    seen.append(time.perf_counter())
+            time.sleep(0.02)
+    threading.Thread(target=poll, daemon=True).start()
+    return seen
+
+
+def launch(demo_flags, cache, repeats, picture, timeout, requests=True):
+    """One launch: {page_s, model_s, first_image_s, steady_ms, log} (or error)."""
     import httpx
     from gradio_client import Client, handle_file
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = dict(os.environ, TRITON_CACHE_DIR=cache, GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1")
-    log = tempfile.TemporaryFile("w+")
+    log_path = os.path.join(cache, f"demo_{port}.log")
+    os.makedirs(cache, exist_ok=True)
+    log = open(log_path, "w+")
+    stop = threading.Event()
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "gradio_canny2image.py"),
                              "--port", str(port), *demo_flags], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
+    built = _watch(log_path, MODEL_BUILT, stop)
     res = {}
     try:
         deadline = start + timeout
@@ -57,21 +83,26 @@ def launch(demo_flags, cache, repeats, picture, timeout):
                     res["page_s"] = time.perf_counter() - start
             except httpx.HTTPError:
                 time.sleep(0.05)
-        client = Client(url, verbose=False)
-        file = handle_file(picture)
-        args = (file, "a house", "best quality", "lowres", 1, 512, 20, False, 1.0, 9.0, 7, 0.0,
-                100, 200)
-        client.predict(*args, api_name="/process")
-        res["first_image_s"] = time.perf_counter() - start
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
+        if requests:
+            client = Client(url, verbose=False)
+            file = handle_file(picture)
+            args = (file, "a house", "best quality", "lowres", 1, 512, 20, False, 1.0, 9.0, 7,
+                    0.0, 100, 200)
             client.predict(*args, api_name="/process")
-            times.append((time.perf_counter() - t) * 1e3)
-        res["steady_ms"] = statistics.median(times) if times else None
+            res["first_image_s"] = time.perf_counter() - start
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                client.predict(*args, api_name="/process")
+                times.append((time.perf_counter() - t) * 1e3)
+            res["steady_ms"] = statistics.median(times) if times else None
+        while not built and proc.poll() is None and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        res["model_s"] = built[0] - start if built else None
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     finally:
+        stop.set()
         proc.terminate()
         try:
             proc.wait(30)
@@ -81,6 +112,7 @@ def launch(demo_flags, cache, repeats, picture, timeout):
         log.seek(0)
         res["log"] = [line.rstrip() for line in log if "precompile" in line
                       or "warm" in line.lower() or "error" in line.lower()][-12:]
+        log.close()
     return res
 
 
@@ -90,6 +122,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=240, help="per launch, seconds")
     ap.add_argument("--out", default=".")
     ap.add_argument("--tag", default="gpu")
+    ap.add_argument("--no-requests", action="store_true",
+                    help="page served and model built only (no image: for the CPU)")
     ap.add_argument("demo_flags", nargs="*", default=None,
                     help="after --: the demo's flags (default: --random-weights)")
     args = ap.parse_args()
@@ -103,8 +137,8 @@ def main():
     picture = os.path.join(work, "in.png")
     Image.fromarray(sample_image(512, 512)).save(picture)
     cache = os.path.join(work, "triton")
-    launches = {name: launch(flags, cache, args.repeats, picture, args.timeout)
-                for name in ("cold", "warm")}
+    launches = {name: launch(flags, cache, args.repeats, picture, args.timeout,
+                             requests=not args.no_requests) for name in ("cold", "warm")}
     commit = os.environ.get("GIT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
         text=True).stdout.strip()
@@ -133,13 +167,18 @@ def markdown(data):
              f"`{env['command']}`; demo flags `{' '.join(data['demo_flags'])}`. Times from the "
              "spawn of `python gradio_canny2image.py`; requests through gradio_client (512², one "
              "image, 20 steps).", "",
-             "| launch | page served s | first image s | steady request ms |", "|---|---|---|---|"]
+             "| launch | page served s | model built s | first image s | steady request ms |",
+             "|---|---|---|---|---|"]
+
+    def cell(value, form):
+        return form.format(value) if value is not None else "–"
     for name, r in launches.items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} | | |")
+            lines.append(f"| {name} | error: {r['error']} | | | |")
             continue
-        steady = f"{r['steady_ms']:.0f}" if r["steady_ms"] else "–"
-        lines.append(f"| {name} | {r['page_s']:.1f} | {r['first_image_s']:.1f} | {steady} |")
+        lines.append(f"| {name} | {r['page_s']:.1f} | {cell(r.get('model_s'), '{:.1f}')} | "
+                     f"{cell(r.get('first_image_s'), '{:.1f}')} | "
+                     f"{cell(r.get('steady_ms'), '{:.0f}')} |")
     lines += ["", "The demo's log:", ""]
     lines += [f"    {name}: {line}" for name, r in launches.items() for line in r["log"]]
     return "\n".join(lines) + "\n"

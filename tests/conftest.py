@@ -38,16 +38,24 @@ def assert_matches_reference(ours, ref, what, rel_tol=REFERENCE_REL_TOL):
 
 
 def big_file_folder(tmp_path, nbytes):
-    """A folder with room for a file of `nbytes` (and 1 GiB to spare): `tmp_path`, else /dev/shm.
-    CI machines have had less than 300 MB of free disk; where neither has room the test is
+    """A folder with room for a file of `nbytes` (1 GiB to spare): /dev/shm where the memory
+    allows the file and a model of its size besides, else `tmp_path`. CI machines have had less
+    than 300 MB of free disk, and their disk is shared: where neither has room the test is
     skipped, naming the room it needed."""
     import shutil
     need = nbytes + 2**30
-    for folder in (str(tmp_path), "/dev/shm"):
-        if os.path.isdir(folder) and shutil.disk_usage(folder).free >= need:
-            return folder
-    pytest.skip(f"needs {need / 2**30:.1f} GiB free in {tmp_path} or /dev/shm for a full-size "
-                f"checkpoint; neither has it")
+    available = 0
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields.get("MemAvailable", "0 kB").split()[0]) * 1024
+    if (os.path.isdir("/dev/shm") and available >= 2 * nbytes + 2 * 2**30
+            and shutil.disk_usage("/dev/shm").free >= need):
+        return "/dev/shm"
+    if shutil.disk_usage(tmp_path).free >= need:
+        return str(tmp_path)
+    pytest.skip(f"needs {need / 2**30:.1f} GiB free in /dev/shm (and twice that in memory) or "
+                f"in {tmp_path} for a full-size checkpoint; neither has it")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -494,19 +494,6 @@ def test_warm_up_runs_the_default_shape_on_gpu_pipelines_only():
     assert app.parse_args(["--no-warmup"]).no_warmup and not app.parse_args([]).no_warmup
 
 
-def test_warm_up_waits_for_the_kernel_precompile_first(monkeypatch):
-    order = []
-
-    class Precompiling:
-        def wait(self):
-            order.append("precompile")
-            return "kernels compiled"
-    monkeypatch.setattr(app, "warm_up", lambda pipelines: order.append("warm-up") or 1.0)
-    warming = app.WarmUp([object()], Precompiling()).start()
-    assert warming.done.wait(10)
-    assert order == ["precompile", "warm-up"] and warming.seconds == 1.0
-
-
 def test_low_vram_fast_mode_does_not_fall_back(monkeypatch):
     """--low-vram on a GPU (device list stubbed; the tiny model built on the CPU): a real
     fast-mode pipeline, not reference mode."""

@@ -220,7 +220,7 @@ def _digests(model):
 def test_full_size_round_trips(tmp_path):
     """Random full-size weights saved as .safetensors and as a nested .pth load back strictly and
     bit-identically. At most one full-size model and one file's tensors in memory at a time, and
-    one file on disk (removed however the test ends)."""
+    one 5.7 GB file on disk or in /dev/shm (removed however the test ends)."""
     model = build_model(FULL_CONFIG, random_weights=True, seed=0)
     reference = _digests(model)
     assert len(reference) == 1484
