@@ -9,13 +9,19 @@ own overhead, on any machine (no GPU, no model):
   * client: gradio_client's predict against the served demo (upload excluded: the input file is
     uploaded once; HTTP, queue, event stream, result download URLs);
   * raw: the same request as two plain HTTP calls (POST /gradio_api/call/process, then its event
-    stream), no result download.
-Medians of --repeats requests after --warmup ones; `web path` = client − direct.
+    stream), no result download;
+  * browser (--browser): the page in headless Chromium (Debian's, driven by playwright), the
+    picture set once as a user drops it: from the Run click to every new gallery image loaded and
+    decoded, timed inside the page (performance.now()).
+Medians of --repeats requests after --warmup ones; `web path` = raw − direct, and in the browser
+browser − direct.
 
   python benchmarks/bench_web_path.py                 # 512², 1 sample
   python benchmarks/bench_web_path.py --samples 4
+  python benchmarks/bench_web_path.py --browser       # also as a browser user sees it
 """
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -55,6 +61,57 @@ def _free_port():
         return s.getsockname()[1]
 
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+# One Run click in the page: {total, result, files} in ms: until the gallery holds `n` images, all
+# new (the results' files are new on every request) and decoded; until the page asked for the
+# first result file (the result reached the page); until the last result file had arrived.
+_RUN_ONCE = """async (n) => {
+    const images = () => [...document.querySelectorAll("#gallery img")];
+    const before = new Set(images().map(i => i.src));
+    const run = [...document.querySelectorAll("button")].find(b => b.textContent.trim() === "Run");
+    performance.clearResourceTimings();
+    const start = performance.now();
+    run.click();
+    const total = await new Promise(resolve => {
+        const check = () => {
+            const now = images();
+            if (now.length >= n && now.every(i => !before.has(i.src) && i.complete
+                                             && i.naturalWidth > 0)) {
+                resolve(performance.now() - start);
+            } else {
+                setTimeout(check, 1);
+            }
+        };
+        check();
+    });
+    const files = performance.getEntriesByType("resource").filter(
+        e => e.name.includes("/file=") && e.startTime >= start);
+    return {total: total,
+            result: Math.min(...files.map(e => e.startTime)) - start,
+            files: Math.max(...files.map(e => e.responseEnd)) - start};
+}"""
+
+
+def browser_ms(url, picture, images, warmup, repeats):
+    """Medians (ms) of a Run click in headless Chromium until: `images` new gallery images shown
+    (total), the page asked for the first result file (result), the last file arrived (files)."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.locator("input[type=file]").first.set_input_files(picture)
+            page.locator("#input_image img").first.wait_for(state="visible", timeout=60_000)
+            runs = [page.evaluate(_RUN_ONCE, images) for _ in range(warmup + repeats)][warmup:]
+        finally:
+            browser.close()
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
 def median_ms(fn, warmup, repeats):
     for _ in range(warmup):
         fn()
@@ -74,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--browser", action="store_true",
+                    help=f"also time the page in headless Chromium ({CHROMIUM}, playwright)")
     args = ap.parse_args(argv)
 
     import httpx
@@ -95,9 +154,16 @@ def main(argv=None):
     result = {"size": args.size, "samples": args.samples, "repeats": args.repeats,
               "python": platform.python_version(), "cpu": platform.processor() or "cpu",
               "cpus": os.cpu_count()}
-    result["direct_ms"] = median_ms(
-        lambda: process(image, *(values[k] for k in order), progress=lambda *a, **k: None),
-        args.warmup, args.repeats)
+
+    def direct():
+        return asyncio.run(process(image, *(values[k] for k in order),
+                                   progress=lambda *a, **k: None))
+    paths = direct()
+    if not (isinstance(paths, list) and len(paths) == args.samples + 1
+            and all(os.path.exists(p) for p in paths)):
+        raise SystemExit(f"error: the direct call returned {paths!r}, not "
+                         f"{args.samples + 1} PNG files")
+    result["direct_ms"] = median_ms(direct, args.warmup, args.repeats)
     result["png_ms"] = median_ms(lambda: app.save_results(pipeline.images), args.warmup,
                                  args.repeats)
     demo = app.create_demo([pipeline])
@@ -111,29 +177,36 @@ def main(argv=None):
             result["client_ms"] = median_ms(
                 lambda: client.predict(file, *(values[k] for k in order), api_name="/process"),
                 args.warmup, args.repeats)
-            # the raw API: the upload once, then POST + event stream per request
+            # the raw API: the upload once, then POST + event stream per request, on one HTTP
+            # client (a new httpx client per call costs ~35 ms here, for its SSL context)
+            http = httpx.Client(timeout=60)
             with open(path, "rb") as f:
-                up = httpx.post(url + "gradio_api/upload", files={"files": f}, timeout=60).json()
+                up = http.post(url + "gradio_api/upload", files={"files": f}).json()
             payload = {"data": [{"path": up[0], "meta": {"_type": "gradio.FileData"}}]
                        + [values[k] for k in order]}
 
             def raw():
-                event = httpx.post(url + "gradio_api/call/process", json=payload,
-                                   timeout=60).json()["event_id"]
-                with httpx.stream("GET", url + f"gradio_api/call/process/{event}",
-                                  timeout=60) as stream:
+                event = http.post(url + "gradio_api/call/process", json=payload).json()["event_id"]
+                with http.stream("GET", url + f"gradio_api/call/process/{event}") as stream:
                     for line in stream.iter_lines():
                         if line.startswith("event: complete"):
                             return
                         if line.startswith("event: error"):
                             raise RuntimeError("the request failed")
             result["raw_ms"] = median_ms(raw, args.warmup, args.repeats)
+            if args.browser:
+                times = browser_ms(url, path, args.samples + 1, args.warmup, args.repeats)
+                result["browser_ms"] = times["total"]
+                result["browser_result_ms"] = times["result"]
+                result["browser_files_ms"] = times["files"]
     finally:
         demo.close()
     # the web path: what a request over plain HTTP adds to the call it wraps; gradio_client's
     # own work (its threads, polling and file download) comes on top of that
     result["web_path_ms"] = result["raw_ms"] - result["direct_ms"]
     result["client_overhead_ms"] = result["client_ms"] - result["direct_ms"]
+    if args.browser:
+        result["browser_web_path_ms"] = result["browser_ms"] - result["direct_ms"]
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
