@@ -536,8 +536,10 @@ def startup_error(e):
         return "out of GPU memory while loading the model"
     if isinstance(e, MemoryError):
         return "out of host memory while loading the model"
-    log.error("the model build failed", exc_info=e)
-    return f"the model build failed ({type(e).__name__}: {e}); details are in the log above"
+    if os.environ.get("CANNY2IMAGE_DEBUG"):
+        log.error("the model build failed", exc_info=e)
+    return (f"the model build failed ({type(e).__name__}: {e}) (set CANNY2IMAGE_DEBUG=1 for the "
+            f"traceback)")
 
 
 # ---------------------------------------------------------------------------------------------

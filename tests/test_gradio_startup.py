@@ -155,10 +155,15 @@ def test_failed_build_is_shown_and_refuses_requests(monkeypatch, png):
     (SystemExit("error: --device cuda: no GPU is visible to torch"),
      "--device cuda: no GPU is visible to torch"),
     (MemoryError(), "out of host memory while loading the model"),
-    (KeyError("model.x"), "the model build failed (KeyError: 'model.x'); details are in the log"),
+    (KeyError("model.x"), "the model build failed (KeyError: 'model.x') (set CANNY2IMAGE_DEBUG=1"),
 ])
-def test_startup_error_lines(error, line):
+def test_startup_error_lines(error, line, monkeypatch, caplog):
+    monkeypatch.delenv("CANNY2IMAGE_DEBUG", raising=False)
     assert app.startup_error(error).startswith(line)
+    assert not [r for r in caplog.records if r.exc_info]
+    monkeypatch.setenv("CANNY2IMAGE_DEBUG", "1")
+    app.startup_error(error)          # the traceback only with CANNY2IMAGE_DEBUG, for a bug
+    assert bool([r for r in caplog.records if r.exc_info]) == isinstance(error, KeyError)
 
 
 def test_failed_warm_up_lets_requests_run(monkeypatch, png, caplog):
