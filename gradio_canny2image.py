@@ -6,6 +6,8 @@ the inverted edge map followed by the samples. Differences, each on purpose:
 
 * binds 127.0.0.1 unless --listen (upstream always bound 0.0.0.0); analytics off;
 * without a checkpoint it still starts (random weights) and says so in a banner on the page;
+* the page is served as soon as the flags are checked: the model is built and warmed up behind
+  it (Startup), the page says so, and requests sent meanwhile wait and then run;
 * a progress bar over the DDIM steps; one queue worker per GPU (one model replica each);
 * bad input (no image, unreadable or oversized files, values of the wrong type or out of range
   sent through the API, server paths or URLs named as the image) gets a short message instead of
