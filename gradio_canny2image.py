@@ -464,7 +464,7 @@ def warm_up(pipelines):
     return seconds
 
 
-LOADING = ("**Loading the model…**: a request sent now waits for it and then runs.")
+LOADING = "**Loading the model…**: a request sent now waits for it and then runs."
 WARMING_UP = ("**Warming up…** (compiling kernels, capturing graphs): a request sent now waits "
               "for it and then runs.")
 
