@@ -63,7 +63,7 @@ import torch  # noqa: E402
 from gradio.exceptions import InvalidPathError  # noqa: E402
 from gradio_client.utils import is_http_url_like  # noqa: E402
 
-from cldm.model import DEFAULT_CHECKPOINT, CheckpointError  # noqa: E402
+from cldm.model import DEFAULT_CHECKPOINT, CheckpointError, check_checkpoint_path  # noqa: E402
 from runtime import app, web_guard  # noqa: E402
 from runtime.errors import (Cancelled, InputError, NonFiniteOutputError,  # noqa: E402
                             device_out_of_memory)
@@ -758,7 +758,8 @@ def _devices(spec):
 
 def plan_pipelines(args):
     """(devices, mode, ckpt, random_weights, banner) from the parsed flags, at once (no model is
-    built): a wrong device or mode ends in SystemExit with one line before the page is served.
+    built): a wrong device or mode (SystemExit) or a checkpoint that is not a readable file
+    (CheckpointError) end the demo with one line before the page is served.
     Without a checkpoint the demo still starts, on random weights, and the banner says so."""
     devices = _devices(args.device)
     mode = args.mode or app.default_mode(devices[0])
@@ -772,6 +773,8 @@ def plan_pipelines(args):
         banner = "Random weights (`--random-weights`): outputs are noise."
     else:
         ckpt = args.ckpt or app.find_checkpoint()
+        if ckpt is not None:
+            check_checkpoint_path(ckpt)           # missing, a folder, unreadable: at once
         if ckpt is None:
             random_weights = True
             banner = no_checkpoint_banner()
@@ -854,9 +857,11 @@ def main(argv=None, early=None):
         host = "0.0.0.0" if args.listen else "127.0.0.1"
         check_port(host, args.port)                   # at once, not after the model is built
         plan = plan_pipelines(args)
-    except BaseException:
+    except BaseException as e:
         if early is not None:
             early.discard()
+        if isinstance(e, (app.AppError, InputError, CheckpointError)):
+            raise SystemExit(f"error: {e}") from None
         raise
 
     def build():

@@ -419,6 +419,17 @@ def test_start_up_errors_are_one_line(argv, match, tmp_path, capsys):
     assert match in message, message
 
 
+@pytest.mark.parametrize("which, match", [("missing", "Checkpoint not found"),
+                                          ("folder", "a directory, not a file")])
+def test_a_checkpoint_that_is_no_file_ends_before_the_page(which, match, tmp_path, capsys,
+                                                           monkeypatch):
+    """Checked with the flags (cldm.model.check_checkpoint_path), not behind the served page."""
+    monkeypatch.setattr(app, "launch", lambda *a, **k: pytest.fail("the page was served"))
+    path = tmp_path / "missing.pth" if which == "missing" else tmp_path
+    code, message = _main(["--device", "cpu", "--ckpt", str(path)], capsys)
+    assert code == 1 and message.startswith("error: ") and match in message, message
+
+
 def test_real_process_port_taken_is_one_line(tmp_path):
     """`python gradio_canny2image.py --tiny --port P` with P taken: one line, exit status 1,
     before any model is built."""
