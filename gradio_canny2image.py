@@ -54,6 +54,7 @@ from collections import OrderedDict  # noqa: E402
 from urllib.parse import parse_qs  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
+from typing import NamedTuple, Optional  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
@@ -756,9 +757,18 @@ def _devices(spec):
         raise SystemExit(f"error: {e}") from None
 
 
+class Plan(NamedTuple):
+    """What the flags decide before any model is built (plan_pipelines)."""
+    devices: list
+    mode: str
+    ckpt: Optional[str]
+    random_weights: bool
+    banner: Optional[str]
+
+
 def plan_pipelines(args):
-    """(devices, mode, ckpt, random_weights, banner) from the parsed flags, at once (no model is
-    built): a wrong device or mode (SystemExit) or a checkpoint that is not a readable file
+    """The Plan (devices, mode, ckpt, random_weights, banner) from the parsed flags, at once (no
+    model is built): a wrong device or mode (SystemExit) or a checkpoint that is not a readable file
     (CheckpointError) end the demo with one line before the page is served.
     Without a checkpoint the demo still starts, on random weights, and the banner says so."""
     devices = _devices(args.device)
@@ -773,14 +783,14 @@ def plan_pipelines(args):
         banner = "Random weights (`--random-weights`): outputs are noise."
     else:
         ckpt = args.ckpt or app.find_checkpoint()
-        if ckpt is not None:
-            check_checkpoint_path(ckpt)           # missing, a folder, unreadable: at once
         if ckpt is None:
             random_weights = True
             banner = no_checkpoint_banner()
             log.warning("no checkpoint at %s: starting with random weights (images are noise). "
                         "Download it from %s", DEFAULT_CHECKPOINT, CKPT_URL)
-    return devices, mode, ckpt, random_weights, banner
+        else:
+            check_checkpoint_path(ckpt)           # missing, a folder, unreadable: at once
+    return Plan(devices, mode, ckpt, random_weights, banner)
 
 
 def build_pipelines(args, early=None, plan=None):
@@ -871,9 +881,9 @@ def main(argv=None, early=None):
             if early is not None:
                 early.discard()   # a no-op once it has its job
         return pipelines, precompiling
-    startup = Startup(build, workers=len(plan[0]), warm=not args.no_warmup)
+    startup = Startup(build, workers=len(plan.devices), warm=not args.no_warmup)
     clean_on_exit(own_cache_folder())             # before the page: Gradio reads it then
-    demo = create_demo(banner=plan[4], startup=startup)
+    demo = create_demo(banner=plan.banner, startup=startup)
     startup.start()
     try:
         try:

@@ -186,7 +186,7 @@ def _main_without_serving(monkeypatch, argv):
     startups = []
     real = app.create_demo
     monkeypatch.setattr(app, "plan_pipelines",
-                        lambda args: (["cpu"], "reference", None, True, None))
+                        lambda args: app.Plan(["cpu"], "reference", None, True, None))
     monkeypatch.setattr(app, "build_pipelines",
                         lambda args, early=None, plan=None: ([object()], None, None))
     monkeypatch.setattr(app, "launch", lambda demo, **kw: None)
