@@ -355,6 +355,7 @@ def test_flags(built, tmp_path):
     assert call["config"] == CONFIG_TINY and call["random_weights"] and "--tiny" in banner
     call, _, banner = built("--random-weights")
     assert call["config"] == CONFIG_FULL and call["random_weights"] and "noise" in banner
+    (tmp_path / "my.safetensors").write_bytes(b"")      # a file: the demo checks that at once
     call, _, banner = built("--ckpt", str(tmp_path / "my.safetensors"))
     assert call["ckpt"] == str(tmp_path / "my.safetensors") and banner is None
     with pytest.raises(SystemExit, match="needs a GPU"):
