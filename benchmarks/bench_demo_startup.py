@@ -4,9 +4,12 @@ process, cold (an empty Triton cache folder) and then warm (a second launch on t
 Per launch, from the moment the process is spawned:
   * page: until GET / answers 200 (the page is served before the model is built);
   * model built: until the demo logs its queue workers (the model build is done);
-  * first image: a request sent as soon as the page is up (gradio_client, 512², one image,
-    20 steps: the warm-up's shape), which waits for the warm-up and then runs;
-  * steady: the median of --repeats more requests, as the client sees them (web path included).
+  * first image: a request sent as soon as the page is up (gradio_client, one image, by default
+    512² and 20 steps: the warm-up's shape), which waits for the warm-up and then runs;
+  * steady: the median of --repeats more requests, as gradio_client sees them (it uploads the
+    picture again for each, makes a new HTTP client per call and downloads the results), and
+    as plain HTTP on one client with the picture uploaded once (bench_web_path.raw_request: a
+    browser's Run click without the browser).
 The demo's own log lines (the precompile's, the warm-up's) are kept in the results.
 
   python benchmarks/bench_demo_startup.py --out DIR                  # GPU: fast mode, random weights
@@ -55,10 +58,12 @@ def _watch(path, line, stop):
     return seen
 
 
-def launch(demo_flags, cache, repeats, picture, timeout, requests=True):
+def launch(demo_flags, cache, repeats, picture, timeout, requests=True, size=512, steps=20):
     """One launch: {page_s, model_s, first_image_s, steady_ms, log} (or error)."""
     import httpx
     from gradio_client import Client, handle_file
+
+    from bench_web_path import raw_request
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = dict(os.environ, TRITON_CACHE_DIR=cache, GRADIO_ANALYTICS_ENABLED="False",
@@ -86,7 +91,7 @@ def launch(demo_flags, cache, repeats, picture, timeout, requests=True):
         if requests:
             client = Client(url, verbose=False)
             file = handle_file(picture)
-            args = (file, "a house", "best quality", "lowres", 1, 512, 20, False, 1.0, 9.0, 7,
+            args = (file, "a house", "best quality", "lowres", 1, size, steps, False, 1.0, 9.0, 7,
                     0.0, 100, 200)
             client.predict(*args, api_name="/process")
             res["first_image_s"] = time.perf_counter() - start
@@ -96,6 +101,13 @@ def launch(demo_flags, cache, repeats, picture, timeout, requests=True):
                 client.predict(*args, api_name="/process")
                 times.append((time.perf_counter() - t) * 1e3)
             res["steady_ms"] = statistics.median(times) if times else None
+            raw = raw_request(httpx.Client(timeout=timeout), url, picture, list(args[1:]))
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                raw()
+                times.append((time.perf_counter() - t) * 1e3)
+            res["steady_raw_ms"] = statistics.median(times) if times else None
         while not built and proc.poll() is None and time.perf_counter() < deadline:
             time.sleep(0.02)
         res["model_s"] = built[0] - start if built else None
@@ -122,6 +134,9 @@ def main():
     ap.add_argument("--timeout", type=float, default=240, help="per launch, seconds")
     ap.add_argument("--out", default=".")
     ap.add_argument("--tag", default="gpu")
+    ap.add_argument("--size", type=int, default=512,
+                    help="the requests' picture and image resolution (the warm-up's: 512)")
+    ap.add_argument("--steps", type=int, default=20, help="the requests' DDIM steps")
     ap.add_argument("--no-requests", action="store_true",
                     help="page served and model built only (no image: for the CPU)")
     ap.add_argument("demo_flags", nargs="*", default=None,
@@ -135,10 +150,11 @@ def main():
     flags = args.demo_flags or ["--random-weights"]
     work = tempfile.mkdtemp(prefix="bench_demo_")
     picture = os.path.join(work, "in.png")
-    Image.fromarray(sample_image(512, 512)).save(picture)
+    Image.fromarray(sample_image(args.size, args.size)).save(picture)
     cache = os.path.join(work, "triton")
     launches = {name: launch(flags, cache, args.repeats, picture, args.timeout,
-                             requests=not args.no_requests) for name in ("cold", "warm")}
+                             requests=not args.no_requests, size=args.size, steps=args.steps)
+                for name in ("cold", "warm")}
     commit = os.environ.get("GIT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
         text=True).stdout.strip()
@@ -148,7 +164,8 @@ def main():
     import gradio
     env["gradio"] = gradio.__version__
     os.makedirs(args.out, exist_ok=True)
-    data = {"env": env, "demo_flags": flags, "launches": launches}
+    data = {"env": env, "demo_flags": flags, "size": args.size, "steps": args.steps,
+            "launches": launches}
     path = os.path.join(args.out, f"demo_startup_{args.tag}")
     with open(path + ".json", "w") as f:
         json.dump(data, f, indent=1)
@@ -165,10 +182,10 @@ def markdown(data):
     lines = [f"# The demo's start-up — {env['device']}", "",
              f"torch {env['torch']}, gradio {env['gradio']}, commit {env['commit']}; "
              f"`{env['command']}`; demo flags `{' '.join(data['demo_flags'])}`. Times from the "
-             "spawn of `python gradio_canny2image.py`; requests through gradio_client (512², one "
-             "image, 20 steps).", "",
-             "| launch | page served s | model built s | first image s | steady request ms |",
-             "|---|---|---|---|---|"]
+             f"spawn of `python gradio_canny2image.py`; requests of one image, "
+             f"{data['size']}², {data['steps']} step{'s' if data['steps'] != 1 else ''}.", "",
+             "| launch | page served s | model built s | first image s | steady request ms: "
+             "gradio_client / plain HTTP |", "|---|---|---|---|---|"]
 
     def cell(value, form):
         return form.format(value) if value is not None else "–"
@@ -178,7 +195,8 @@ def markdown(data):
             continue
         lines.append(f"| {name} | {r['page_s']:.1f} | {cell(r.get('model_s'), '{:.1f}')} | "
                      f"{cell(r.get('first_image_s'), '{:.1f}')} | "
-                     f"{cell(r.get('steady_ms'), '{:.0f}')} |")
+                     f"{cell(r.get('steady_ms'), '{:.0f}')} / "
+                     f"{cell(r.get('steady_raw_ms'), '{:.0f}')} |")
     lines += ["", "The demo's log:", ""]
     lines += [f"    {name}: {line}" for name, r in launches.items() for line in r["log"]]
     return "\n".join(lines) + "\n"

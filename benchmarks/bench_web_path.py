@@ -112,6 +112,25 @@ def browser_ms(url, picture, images, warmup, repeats):
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
+def raw_request(http, url, picture, values):
+    """A function making one /process request of the demo at `url` as plain HTTP on the client
+    `http`: POST, then its event stream until "complete". The picture is uploaded once, here."""
+    with open(picture, "rb") as f:
+        uploaded = http.post(url + "gradio_api/upload", files={"files": f}).json()
+    payload = {"data": [{"path": uploaded[0], "meta": {"_type": "gradio.FileData"}}] + values}
+
+    def request():
+        event = http.post(url + "gradio_api/call/process", json=payload).json()["event_id"]
+        with http.stream("GET", url + f"gradio_api/call/process/{event}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: complete"):
+                    return
+                if line.startswith("event: error"):
+                    raise RuntimeError("the request failed")
+        raise RuntimeError("the event stream ended without a result")
+    return request
+
+
 def median_ms(fn, warmup, repeats):
     for _ in range(warmup):
         fn()
@@ -180,19 +199,7 @@ def main(argv=None):
             # the raw API: the upload once, then POST + event stream per request, on one HTTP
             # client (a new httpx client per call costs ~35 ms here, for its SSL context)
             http = httpx.Client(timeout=60)
-            with open(path, "rb") as f:
-                up = http.post(url + "gradio_api/upload", files={"files": f}).json()
-            payload = {"data": [{"path": up[0], "meta": {"_type": "gradio.FileData"}}]
-                       + [values[k] for k in order]}
-
-            def raw():
-                event = http.post(url + "gradio_api/call/process", json=payload).json()["event_id"]
-                with http.stream("GET", url + f"gradio_api/call/process/{event}") as stream:
-                    for line in stream.iter_lines():
-                        if line.startswith("event: complete"):
-                            return
-                        if line.startswith("event: error"):
-                            raise RuntimeError("the request failed")
+            raw = raw_request(http, url, path, [values[k] for k in order])
             result["raw_ms"] = median_ms(raw, args.warmup, args.repeats)
             if args.browser:
                 times = browser_ms(url, path, args.samples + 1, args.warmup, args.repeats)
