@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,7 @@ def launch(demo_flags, cache, repeats, picture, timeout, requests=True, size=512
     import httpx
     from gradio_client import Client, handle_file
 
-    from bench_web_path import raw_request
+    from bench_web_path import median_ms, raw_request
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = dict(os.environ, TRITON_CACHE_DIR=cache, GRADIO_ANALYTICS_ENABLED="False",
@@ -95,19 +94,10 @@ def launch(demo_flags, cache, repeats, picture, timeout, requests=True, size=512
                     0.0, 100, 200)
             client.predict(*args, api_name="/process")
             res["first_image_s"] = time.perf_counter() - start
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                client.predict(*args, api_name="/process")
-                times.append((time.perf_counter() - t) * 1e3)
-            res["steady_ms"] = statistics.median(times) if times else None
             raw = raw_request(httpx.Client(timeout=timeout), url, picture, list(args[1:]))
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                raw()
-                times.append((time.perf_counter() - t) * 1e3)
-            res["steady_raw_ms"] = statistics.median(times) if times else None
+            for key, request in (("steady_ms", lambda: client.predict(*args, api_name="/process")),
+                                 ("steady_raw_ms", raw)):
+                res[key] = median_ms(request, 0, repeats) if repeats else None
         while not built and proc.poll() is None and time.perf_counter() < deadline:
             time.sleep(0.02)
         res["model_s"] = built[0] - start if built else None

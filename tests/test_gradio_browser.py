@@ -15,15 +15,13 @@ from playwright.sync_api import expect, sync_playwright
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)     # the demo is a script at the repo root
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import gradio_canny2image as app  # noqa: E402
 from conftest import launch_demo  # noqa: E402
 from runtime.sample import SAMPLE_PROMPT, sample_image  # noqa: E402
+from bench_web_path import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (one Chromium set-up)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
 SCREENSHOT = os.path.join(REPO, "docs", "screenshot_gradio.png")
 STEPS, IMAGES = 2, 2
 _RECORD_GALLERY_TEXTS = """() => {
