@@ -247,6 +247,24 @@ def test_geometry_of_the_full_size_config():
     assert memory.geometry(model).__dict__ == SD15
 
 
+def test_cached_geometry_follows_dtype_and_place():
+    """Each request reads the cached geometry; a conversion (fast mode) or a move (low-VRAM
+    shifts) of the diffusion networks computes it again."""
+    from runtime import memory
+    from runtime.weights import build_model
+    from tests.conftest import TINY_CONFIG
+    model = build_model(TINY_CONFIG, random_weights=True, seed=0)
+    fp32 = memory.cached_geometry(model)
+    assert fp32 == memory.geometry(model) and memory.cached_geometry(model) is fp32
+    for net in (model.model.diffusion_model, model.control_model):
+        net.half()
+    fp16 = memory.cached_geometry(model)
+    assert fp16 == memory.geometry(model) and fp16.diffusion_bytes * 2 == fp32.diffusion_bytes
+    model.control_model.to("meta")
+    assert memory._signature(model)[1][1].type == "meta"
+    assert memory.cached_geometry(model) is not fp16
+
+
 def test_estimate_formula():
     from cldm.hack import SLICE_BYTES
     from runtime import memory
