@@ -12,7 +12,7 @@ Fast mode keeps CUDA/HIP graphs of its diffusion step, and a replayed graph read
 the addresses it was captured with: the fast UNet and ControlNet must never move. Fast mode
 therefore does not call low_vram_shift: it converts the UNet and ControlNet to fp16 in host memory
 (where build_model left them), puts them on the device for the runner's whole life, and brings
-only CLIP (fp32) and the VAE (fp16) onto the device for their phase (runtime/fast/nets.py,
+only CLIP and the VAE (in their fast dtypes) onto the device for their phase (runtime/fast/nets.py,
 pipeline.py), with `resident(module, device)`:
 
     with lowvram.resident(clip, device):          # only on a prompt-cache miss

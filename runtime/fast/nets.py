@@ -1,12 +1,13 @@
-"""The networks of fast mode: the caller's own UNet, ControlNet and VAE, converted in place.
+"""The networks of fast mode: the caller's own UNet, ControlNet, VAE and CLIP, converted in place.
 
-One copy of each network lives on the device, in the fast dtype: a full-size SD1.5 + ControlNet
+One copy of each network lives on the device, in its fast dtype: a full-size SD1.5 + ControlNet
 in fp16 is ~2.4 GB of weights where a private fp16 copy beside the caller's fp32 model held
 ~7.2 GB. The fp32 originals live in host memory (exact values, kept for as long as fast mode owns
 the model): the CLI and the demo build these networks there (build_model(host_children=
 HOST_BUILT)), and each tensor's fast copy is made from its original straight on the device, so
 no fp32 network is ever on the device (a model built on the device is copied to host memory
-first). CLIP is not touched (fp32: small, and fp16 CLIP risks its -inf mask).
+first). CLIP is converted only when FastOptions.clip_dtype asks for it (its softmax and LayerNorm
+statistics stay fp32 in the model code); it is never patched: it runs once per new prompt.
 
 A FastNets *owns* the model until `close()`: a second fast runner on the same model is refused,
 and reference-mode work on it (the fp32 redo, reference mode on the same object) runs inside
@@ -15,9 +16,10 @@ kernel patch off, so it runs upstream's numerics exactly. The fast tensors stay 
 it runs, so captured graphs stay valid; `close()` puts the original weights back for good.
 
 Low-VRAM mode (runtime/lowvram.py): the fast UNet and ControlNet stay on the device for the
-runner's life; CLIP and the VAE live in host memory between their phases (`_place_for_low_vram`).
-`fp32()` brings the originals it needs to the device as without low-VRAM (the fp32 redo then
-holds the fp16 and fp32 networks at once: a rare path, over the low-VRAM budget while it runs).
+runner's life; CLIP and the VAE live in host memory between their phases, in their fast dtypes
+(lowvram.resident brings them in). `fp32()` brings the originals it needs to the device as
+without low-VRAM (the fp32 redo then holds the fp16 and fp32 networks at once: a rare path, over
+the low-VRAM budget while it runs).
 """
 from __future__ import annotations
 
@@ -35,7 +37,11 @@ from runtime.fast.options import resolve_attention
 
 logger = logging.getLogger(__name__)
 
-NETS = ("unet", "control", "vae")
+NETS = ("unet", "control", "vae", "clip")
+PATCHED = ("unet", "control", "vae")   # kernels.patch covers these; CLIP keeps its forwards
+# Parts fast mode never runs (canny2image only decodes): their fast copies stay in host memory,
+# ~68 MB of fp16 VAE encoder off the device.
+UNUSED = {"vae": ("encoder", "quant_conv")}
 # The ControlLDM children fast mode converts: build_model(host_children=HOST_BUILT) creates them
 # in host memory, and FastNets makes each tensor's fast copy on the device from there.
 HOST_BUILT = ("model", "control_model", "first_stage_model")
@@ -84,7 +90,8 @@ def _assign(mod, name, is_param, value):
 
 
 class FastNets:
-    """The model's UNet, ControlNet and VAE in the fast dtype, patched by kernels.patch."""
+    """The model's UNet, ControlNet and VAE in the fast dtype, patched by kernels.patch; its CLIP
+    in FastOptions.clip_dtype, unpatched."""
 
     def __init__(self, model, options, cross_kv):
         if owner(model) is not None:
@@ -93,64 +100,53 @@ class FastNets:
         self.model, self.options, self.cross_kv = model, options, cross_kv
         self.device = model.device
         self.nets = {"unet": model.model.diffusion_model, "control": model.control_model,
-                     "vae": model.first_stage_model}
-        self.unet, self.control, self.vae = (self.nets[n] for n in NETS)
+                     "vae": model.first_stage_model, "clip": model.cond_stage_model}
+        self.unet, self.control, self.vae, self.clip = (self.nets[n] for n in NETS)
         self.attention, self.attention_reason = resolve_attention(options, self.device)
         o = options
         target = {"unet": (o.dtype, o.channels_last), "control": (o.dtype, o.channels_last),
-                  "vae": (o.vae_dtype, o.vae_channels_last)}
+                  "vae": (o.vae_dtype, o.vae_channels_last), "clip": (o.clip_dtype, False)}
         self.low_vram = lowvram.enabled()
         # net name -> [(module, name, is_param, fp32 original in host memory)]; a tensor already
         # in host memory (build_model's HOST_BUILT, low-VRAM mode) is kept itself, not copied.
         self._host = {}
-        # where each network lives outside fast mode (close() puts the originals there)
-        self._home = {n: lowvram.HOST if self.low_vram and n != "vae" else self.device
+        # where each network lives outside fast mode (close() puts the originals there): under
+        # low-VRAM the diffusion networks in host memory (build_model's placement), CLIP where it
+        # was, the VAE on the device (where low_vram_shift(False) leaves them)
+        self._home = {n: lowvram.HOST if self.low_vram and n in ("unet", "control") else self.device
                       for n in NETS}
+        self._home["clip"] = next(self.clip.parameters()).device
         for n, net in self.nets.items():
             dtype, cl = target[n]
-            where = lowvram.HOST if self.low_vram and n == "vae" else self.device
-            if cl or any(t.dtype != _want(m, p, t, dtype) or t.device != torch.device(where)
+            # low-VRAM: the fast VAE and CLIP live in host memory between their phases
+            where = lowvram.HOST if self.low_vram and n in ("vae", "clip") else self.device
+            unused = {id(m) for part in UNUSED.get(n, ()) for m in getattr(net, part).modules()}
+
+            def place(mod, where=where, unused=unused):
+                return torch.device(lowvram.HOST if id(mod) in unused else where)
+            if cl or any(t.dtype != _want(m, p, t, dtype) or t.device != place(m)
                          for m, _, p, t in _tensors(net)):
                 self._host[n] = [(m, k, p, t.detach().cpu()) for m, k, p, t in _tensors(net)]
-                self._convert(self._host[n], dtype, cl, where)
-        self._clip_device = None
-        if self.low_vram:
-            self._place_for_low_vram(model)
+                self._convert(self._host[n], dtype, cl, place)
         self.handle = None
         self._fp32_names = None  # inside fp32(): the networks brought so far
-        self._holder = nn.ModuleDict(self.nets)  # one root for the patch of all three
+        self._holder = nn.ModuleDict({n: self.nets[n] for n in PATCHED})  # one root for the patch
         self._patch()
         self.closed = False
         model.__dict__[_OWNER] = self
         logger.info("fast mode: %s (attention %s: %s)", self.handle, self.attention,
                     self.attention_reason)
 
-    def _place_for_low_vram(self, model):
-        """Low-VRAM mode: the fast UNet and ControlNet on the device for the runner's whole life
-        (captured graphs read their weights at fixed addresses: never low_vram_shift them); CLIP
-        and the VAE in host memory, brought in by lowvram.resident() for their phase only.
-
-        The VAE (fp16: ~160 MB at full size) is not kept resident: the peak of a generation is
-        its decode, where the VAE is on the device either way (weights + ~0.5 GB of 512²
-        activations on top of the ~2.27 GiB of fp16 UNet + ControlNet), and off the device
-        during the diffusion it leaves that much more for the step's activations and graph pool
-        (a pool's memory stays reserved on the card between requests). The cost: ~160 MB moved
-        in and out per decode (~15 ms over PCIe 4)."""
-        # The UNet and ControlNet were converted to the device, the VAE in host memory (above).
-        clip = model.cond_stage_model
-        self._clip_device = next(clip.parameters()).device
-        clip.to(lowvram.HOST)
-
     @staticmethod
     @torch.no_grad()
-    def _convert(tensors, dtype, channels_last, device):
-        """Give each module a fast copy of each of its tensors on `device`, made from the host
-        original one tensor at a time: the network never exists twice in full, and never in
+    def _convert(tensors, dtype, channels_last, place):
+        """Give each module a fast copy of each of its tensors on `place(module)`, made from the
+        host original one tensor at a time: the network never exists twice in full, and never in
         fp32 on the device (the cast happens per tensor on the way)."""
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         for mod, name, is_param, host in tensors:
             fmt = memory_format if host.dim() == 4 else torch.preserve_format
-            value = host.to(device=device, dtype=_want(mod, is_param, host, dtype),
+            value = host.to(device=place(mod), dtype=_want(mod, is_param, host, dtype),
                             memory_format=fmt, copy=True)
             _assign(mod, name, is_param, value)
 
@@ -215,10 +211,8 @@ class FastNets:
         self._unpatch()
         self._originals(NETS, home=True)
         if self.low_vram:      # the placement build_model / low_vram_shift(False) left
-            for net in (self.unet, self.control):
-                net.to(lowvram.HOST)
-            self.vae.to(self.device)
-            self.model.cond_stage_model.to(self._clip_device)
+            for n in NETS:
+                self.nets[n].to(self._home[n])
         self._host.clear()
         self.model.__dict__.pop(_OWNER, None)
         self.closed = True

@@ -26,6 +26,9 @@ class FastOptions:
 
     dtype: object = torch.float16       # UNet/ControlNet weights and activations
     vae_dtype: object = None            # None: same as dtype
+    # The CLIP text encoder (its softmax and LayerNorm statistics run in fp32 either way). It runs
+    # once per new prompt (runtime/prompt_cache.py); fp16 halves what it holds on the device.
+    clip_dtype: object = torch.float32
     kernels: bool = True                # the Triton kernels (kernels.patch) in the networks
     attention: str = "auto"             # CrossAttention: "triton" kernel, "sdpa", or "auto"
     fusions: Optional[tuple] = None     # kernels.patch fusions; None: kernels.DEFAULT_FUSIONS
@@ -52,6 +55,7 @@ class FastOptions:
     def __post_init__(self):
         self.dtype = as_dtype(self.dtype)
         self.vae_dtype = self.dtype if self.vae_dtype is None else as_dtype(self.vae_dtype)
+        self.clip_dtype = as_dtype(self.clip_dtype)
         if self.graph_cache_size < 1:
             raise ValueError("graph_cache_size must be >= 1")
         if self.attention not in ATTENTION:
@@ -79,8 +83,9 @@ class FastOptions:
     def for_device(cls, device, **overrides):
         """Full fast mode on CUDA/HIP; on CPU fp32 without graphs or kernels (same logic)."""
         if torch.device(device).type != "cuda":
-            base = dict(dtype=torch.float32, kernels=False, channels_last=False,
-                        vae_channels_last=False, cuda_graph=False, two_streams=False)
+            base = dict(dtype=torch.float32, clip_dtype=torch.float32, kernels=False,
+                        channels_last=False, vae_channels_last=False, cuda_graph=False,
+                        two_streams=False)
             base.update(overrides)
             return cls(**base)
         return cls(**overrides)

@@ -32,8 +32,8 @@ def _cudnn_benchmark(on):
 
 
 class FastRunner:
-    """Fast-mode generation on a ControlLDM. Converts the model's UNet, ControlNet and VAE in
-    place and owns the model until close() (runtime/fast/nets.py says what that means)."""
+    """Fast-mode generation on a ControlLDM. Converts the model's networks in place
+    and owns the model until close() (runtime/fast/nets.py says what that means)."""
 
     def __init__(self, model, options: Optional[FastOptions] = None,
                  prompts: Optional[PromptCache] = None):
@@ -225,8 +225,9 @@ class FastRunner:
                  for m in maps]
         # one map: one hint row (its rows are identical); several: num_samples rows per map
         hint = hints[0][None] if len(maps) == 1 else torch.stack(hints).repeat_interleave(n, 0)
-        # One CLIP call for both prompts (rows are independent), expanded to the batch.
-        ctx = self.encode([prompt, n_prompt]).to(self.device)
+        # One CLIP call for both prompts (rows are independent), expanded to the batch; in fp32
+        # whatever CLIP's dtype (as the sampler and the fp32 redo take it)
+        ctx = self.encode([prompt, n_prompt]).to(self.device, torch.float32)
         ctx_c = ctx[0:1].expand(B, -1, -1).contiguous()
         ctx_u = ctx[1:2].expand(B, -1, -1).contiguous()
         # x_T as the reference sampler draws it: seed_everything, then randn (CLIP draws nothing)

@@ -322,6 +322,60 @@ def test_one_copy_of_each_network_in_the_fast_dtype(model, inputs, runner):
     assert r.kernel_handle.active
 
 
+def test_clip_in_fp16_close_to_fp32_and_unpatched(model, runner):
+    """FastOptions.clip_dtype: CLIP's tensors converted in place (LayerNorms too: their statistics
+    are fp32 in the model code, as is the softmax), its forwards untouched, its context within
+    fp16 rounding of the fp32 one and handed on in fp32; the prompt cache keeps the two apart;
+    fp32() brings CLIP's originals back for reference-mode work."""
+    texts = ["a house, best quality", "lowres, bad anatomy"]
+    clip = model.cond_stage_model
+    with torch.no_grad():
+        want = clip(texts)
+    r = runner(clip_dtype="fp16")
+    assert r.nets.clip is clip
+    assert all(t.dtype == torch.float16 for t in clip.state_dict().values() if t.is_floating_point())
+    assert not any("forward" in m.__dict__ for m in clip.modules())
+    got = r.encode(texts)
+    assert got.dtype == torch.float16 and r.prompts.misses == 1
+    rel = ((got.float() - want).norm() / want.norm()).item()
+    assert 0 < rel < 5e-3, rel
+    weight = clip.transformer.text_model.final_layer_norm.weight
+    fast_ptr = weight.data_ptr()
+    with r.nets.fp32():
+        assert weight.dtype == torch.float32
+        with torch.no_grad():
+            assert torch.equal(clip(texts), want)
+        r.encode(texts)                     # a miss: the fp32 encoder is another key
+        assert r.prompts.misses == 2
+    assert weight.dtype == torch.float16 and weight.data_ptr() == fast_ptr
+    images = r.generate(np.zeros((64, 64, 3), np.uint8), *texts, 1, 2, False, 1.0, 9.0, 3, 0.0)
+    assert r.prompts.hits == 1 and len(images) == 1
+
+
+def test_vae_encoder_stays_in_host_memory(model, runner, monkeypatch):
+    """Fast mode never encodes an image: the VAE encoder's fast copy is made in host memory, not
+    on the device (host memory is the meta device here, so a stray use would fail), the
+    decoder's on the device; fp32() and close() bring the originals back to the device."""
+    from runtime import lowvram
+    before = {k: v.clone() for k, v in model.first_stage_model.state_dict().items()}
+    monkeypatch.setattr(lowvram, "HOST", torch.device("meta"))
+    r = runner(dtype="bf16")
+    vae = model.first_stage_model
+    assert all(p.device.type == "meta" and p.dtype == torch.bfloat16
+               for m in (vae.encoder, vae.quant_conv) for p in m.parameters())
+    assert all(p.device.type == "cpu" for m in (vae.decoder, vae.post_quant_conv)
+               for p in m.parameters())
+    images = r.generate(np.zeros((64, 64, 3), np.uint8), "a house", "lowres", 1, 2, False, 1.0,
+                        9.0, 3, 0.0)
+    assert images[0].shape == (64, 64, 3)
+    with r.fp32(("vae",)):
+        assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in vae.parameters())
+    assert vae.encoder.conv_in.weight.device.type == "meta"
+    r.close()
+    after = vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_vae_channels_last_decodes_the_same_images(model, runner):
     """FastOptions.vae_channels_last: the VAE's weights and its input in NHWC; the decode is the
     NCHW decode's up to the convolutions' summation order (fp32 on the CPU)."""
@@ -337,7 +391,7 @@ def test_vae_channels_last_decodes_the_same_images(model, runner):
 
 def test_close_gives_the_model_back_exactly(model, inputs, runner):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    r = runner(dtype="bf16", channels_last=True)
+    r = runner(dtype="bf16", channels_last=True, clip_dtype="fp16")
     with pytest.raises(RuntimeError, match="already in fast mode"):
         FastRunner(model, FastOptions.for_device("cpu"))
     r.sample(*inputs, 2)
@@ -463,8 +517,8 @@ def test_canny2image_fast_mode_matches_reference_mode(model):
     reference = Canny2Image(model, mode="reference")
     ref = reference.process(*args)
     steps = []
-    pipe = Canny2Image(model, mode="fast", options=FastOptions.for_device("cpu", dtype="bf16",
-                                                                          vae_dtype="fp32"))
+    pipe = Canny2Image(model, mode="fast", options=FastOptions.for_device(
+        "cpu", dtype="bf16", vae_dtype="fp32", clip_dtype="fp16"))
     try:
         fast = pipe.process(*args, progress=lambda d, n: steps.append((d, n)))
         during = reference.process(*args)

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_CONFIG
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from runtime.fast import FastOptions
-from runtime.fast.nets import HOST_BUILT, FastNets, host_children
+from runtime.fast.nets import HOST_BUILT, UNUSED, FastNets, host_children
 from runtime.weights import build_model
 
 NET_OF = {"unet": "model", "control": "control_model", "vae": "first_stage_model"}
@@ -46,16 +46,20 @@ def test_fast_copies_made_on_the_device_from_the_host_originals():
     built = {n: {id(mod): {k: t.data_ptr() for k, t in mod.named_parameters(recurse=False)}
                  for mod in getattr(model, NET_OF[n]).modules()} for n in NET_OF}
     nets = FastNets(model, options(), cross_kv=None)
-    for n, net in nets.nets.items():
+    assert "clip" not in nets._host          # fp32 (the default) where it was: not converted
+    for n in NET_OF:
+        net = nets.nets[n]
         # the originals are build_model's host tensors themselves (no copy)
         originals = {t.data_ptr() for mod, _, is_param, t in nets._host[n] if is_param}
         assert originals == {p for d in built[n].values() for p in d.values()}, n
         assert all(t.device.type == "cpu" and (t.dtype == torch.float32 or
                                                not t.is_floating_point())
                    for *_, t in nets._host[n])
-        # the fast copies: on the device
-        device = "meta"
+        # the fast copies: on the device, but for the parts fast mode never runs (VAE encoder)
+        unused = {id(m) for part in UNUSED.get(n, ()) for m in getattr(net, part).modules()}
+        assert bool(unused) == (n == "vae")
         for mod in net.modules():
+            device = "cpu" if id(mod) in unused else "meta"
             for k, p in mod.named_parameters(recurse=False):
                 assert p.device.type == device, (n, k)
                 want = torch.float32 if isinstance(mod, GroupNorm32) else torch.float16
