@@ -17,6 +17,9 @@ Rows:
   full fast mode), +conv_gemm (every fusion, also the small-map 3x3 convolutions as im2col +
   GEMM: not a default)
   vae_nchw             +fusions with the VAE in NCHW (as before b98671a's measurement)
+  clip_fp32, clip_fp16 +fusions with CLIP in that dtype (FastOptions.clip_dtype); the prompt
+                       cache runs CLIP once per row, so its time shows in the first warm-up, its
+                       error in eps err and PSNR, its weights in the peak
   compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
                        in a subprocess with a time limit: "did not compile within N s" is
                        recorded if it runs over
@@ -70,7 +73,9 @@ ABLATION = [
     ("+conv_gemm", dict(fusions=FUSIONS)),  # + small-map 3x3 convolutions as im2col + GEMM
 ]
 # Rows outside the cumulative ablation: a row of it plus one change.
-VARIANTS = {"vae_nchw": ("+fusions", dict(vae_channels_last=False))}
+VARIANTS = {"vae_nchw": ("+fusions", dict(vae_channels_last=False)),
+            "clip_fp32": ("+fusions", dict(clip_dtype=torch.float32)),
+            "clip_fp16": ("+fusions", dict(clip_dtype=torch.float16))}
 PROMPT = "a house under the sun"
 
 
@@ -156,13 +161,13 @@ def reference_first_eps(model, size, batch, steps, scale, seed):
     hint = hint.expand(batch, -1, -1, -1)
     seed_everything(seed)
     x = torch.randn((batch, 4, H // 8, W // 8), device=model.device)
-    cc = model.get_learned_conditioning([PROMPT + ", " + A_PROMPT] * batch)
-    cu = model.get_learned_conditioning([N_PROMPT] * batch)
     t = ddim_schedule(model, steps, 0.0, model.device).timesteps[0]
     tt = torch.full((batch,), t, device=model.device, dtype=torch.long)
     model.control_scales = [1.0] * 13
     fast_owner = owner(model)  # a fast row's pipeline holds the model: use its fp32 weights
     with torch.no_grad(), fast_owner.fp32() if fast_owner else contextlib.nullcontext():
+        cc = model.get_learned_conditioning([PROMPT + ", " + A_PROMPT] * batch)
+        cu = model.get_learned_conditioning([N_PROMPT] * batch)
         e_c = model.apply_model(x, tt, {"c_concat": [hint], "c_crossattn": [cc]})
         e_u = model.apply_model(x, tt, {"c_concat": [hint], "c_crossattn": [cu]})
     return e_u + scale * (e_c - e_u)

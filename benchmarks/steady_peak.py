@@ -4,8 +4,9 @@ One fast pipeline (random weights) serves two requests, then a third under torch
 history; the history is replayed to find the moment of the most memory allocated, and what was
 live then is grouped by its first stack frames outside torch. Needs a GPU.
 
-    python benchmarks/steady_peak.py
+    python benchmarks/steady_peak.py [--clip-dtype fp16]
 """
+import argparse
 import collections
 import os
 import sys
@@ -14,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from runtime import app  # noqa: E402
+from runtime.fast import FastOptions  # noqa: E402
 from runtime.sample import sample_image  # noqa: E402
 
 def where(ev):
@@ -23,8 +25,12 @@ def where(ev):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clip-dtype", default=None, help="FastOptions.clip_dtype (default: its default)")
+    args = ap.parse_args()
     device = torch.device("cuda")
-    pipe = app.build_pipeline(device, mode="fast", random_weights=True)
+    options = FastOptions() if args.clip_dtype is None else FastOptions(clip_dtype=args.clip_dtype)
+    pipe = app.build_pipeline(device, mode="fast", random_weights=True, options=options)
     kw = dict(prompt="a house", a_prompt="best quality", n_prompt="lowres", num_samples=1,
               image_resolution=512, ddim_steps=20, guess_mode=False, strength=1.0, scale=9.0, seed=1,
               eta=0.0, low_threshold=100, high_threshold=200)
