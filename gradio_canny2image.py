@@ -881,12 +881,13 @@ def main(argv=None, early=None):
             if early is not None:
                 early.discard()   # a no-op once it has its job
         return pipelines, precompiling
-    startup = Startup(build, workers=len(plan.devices), warm=not args.no_warmup)
-    clean_on_exit(own_cache_folder())             # before the page: Gradio reads it then
-    demo = create_demo(banner=plan.banner, startup=startup)
-    startup.start()
+    # The build starts first and runs while the page is made and served.
+    startup = Startup(build, workers=len(plan.devices), warm=not args.no_warmup).start()
+    demo = None
     try:
         try:
+            clean_on_exit(own_cache_folder())     # before the page: Gradio reads it then
+            demo = create_demo(banner=plan.banner, startup=startup)
             launch(demo, server_name=host, server_port=args.port, share=args.share,
                    allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()],
                    prevent_thread_lock=True)
@@ -909,7 +910,8 @@ def stop(demo, startup, code):
     """Close the server. If the start-up thread is still building or warming up, end the process
     now (exit handlers first, so the upload cache goes): torch aborts ("terminate called without
     an active exception") when the interpreter shuts down under a thread inside it."""
-    demo.close(verbose=False)
+    if demo is not None:
+        demo.close(verbose=False)
     if not startup.busy():
         return
     if isinstance(code, str):                     # SystemExit("error: ...")
