@@ -147,8 +147,9 @@ def psnr(a, b):
     return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
-def reference_first_eps(model, size, batch, steps, scale, seed):
-    """Upstream's guided eps at the first step for the benchmark's input (fp32, two calls)."""
+def reference_first_eps(model, size, batch, steps, scale, seed, contexts=None):
+    """Upstream's guided eps at the first step for the benchmark's input (fp32, two calls);
+    `contexts`: (cond, uncond) text contexts to use instead of the fp32 CLIP's."""
     from annotator.canny import CannyDetector
     from annotator.util import HWC3, resize_image
     from runtime.fast import ddim_schedule
@@ -166,8 +167,9 @@ def reference_first_eps(model, size, batch, steps, scale, seed):
     model.control_scales = [1.0] * 13
     fast_owner = owner(model)  # a fast row's pipeline holds the model: use its fp32 weights
     with torch.no_grad(), fast_owner.fp32() if fast_owner else contextlib.nullcontext():
-        cc = model.get_learned_conditioning([PROMPT + ", " + A_PROMPT] * batch)
-        cu = model.get_learned_conditioning([N_PROMPT] * batch)
+        cc, cu = contexts or (model.get_learned_conditioning([PROMPT + ", " + A_PROMPT] * batch),
+                              model.get_learned_conditioning([N_PROMPT] * batch))
+        cc, cu = cc.float(), cu.float()
         e_c = model.apply_model(x, tt, {"c_concat": [hint], "c_crossattn": [cc]})
         e_u = model.apply_model(x, tt, {"c_concat": [hint], "c_crossattn": [cu]})
     return e_u + scale * (e_c - e_u)
