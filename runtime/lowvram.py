@@ -18,8 +18,8 @@ pipeline.py), with `resident(module, device)`:
     with lowvram.resident(clip, device):          # only on a prompt-cache miss
         context = clip(tokens)
     ...                                           # graphs replay: UNet/ControlNet never moved
-    with lowvram.resident(fast_vae, device):
-        images = fast_vae.decode(latents)
+    with lowvram.resident((vae.post_quant_conv, vae.decoder), device):   # not its encoder
+        images = vae.decode(latents)
 
 Outside low-VRAM mode `resident()` leaves the module where it is (it should already live on the
 device) and costs nothing. Sliced attention is class-wide (CrossAttention.forward), but fast
@@ -81,15 +81,19 @@ def place(model, device, host=()):
 
 @contextlib.contextmanager
 def resident(module, device):
-    """Under save_memory: `module` on `device` for the with-block, back in host memory after,
-    its device memory handed back to the allocator. Otherwise: nothing moves."""
+    """Under save_memory: `module` (or each module of a tuple) on `device` for the with-block,
+    back in host memory after, its device memory handed back to the allocator. Otherwise: nothing
+    moves."""
     if not config.save_memory:
         yield module
         return
-    module.to(device)
+    modules = module if isinstance(module, tuple) else (module,)
+    for m in modules:
+        m.to(device)
     try:
         yield module
     finally:
-        module.to(HOST)
+        for m in modules:
+            m.to(HOST)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()

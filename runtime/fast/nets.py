@@ -102,6 +102,8 @@ class FastNets:
         self.nets = {"unet": model.model.diffusion_model, "control": model.control_model,
                      "vae": model.first_stage_model, "clip": model.cond_stage_model}
         self.unet, self.control, self.vae, self.clip = (self.nets[n] for n in NETS)
+        # what a decode runs: low-VRAM mode brings these in, not the whole VAE (UNUSED)
+        self.decoding = (self.vae.post_quant_conv, self.vae.decoder)
         self.attention, self.attention_reason = resolve_attention(options, self.device)
         o = options
         target = {"unet": (o.dtype, o.channels_last), "control": (o.dtype, o.channels_last),

@@ -187,7 +187,7 @@ class FastRunner:
         if o.vae_channels_last:
             zs = zs.contiguous(memory_format=torch.channels_last)
         with self._on_device(), _cudnn_benchmark(o.cudnn_benchmark), \
-                lowvram.resident(self.vae, self.device):       # low-VRAM: host VAE, for now
+                lowvram.resident(self.nets.decoding, self.device):   # low-VRAM: host VAE, for now
             x = self.vae.decode(zs.to(o.vae_dtype)).float()
             if o.nan_check and not bool(torch.isfinite(x).all()):
                 x = fallback.decode_in_fp32(self.nets, z, o.vae_dtype)

@@ -229,8 +229,12 @@ HOST_MARK = torch.device("cpu", 0)   # lowvram.HOST in these tests: host memory,
 def _record(model, events):
     """Record every device move of the four networks and their forwards, in `events`; returns
     an undo."""
-    nets = {"unet": model.model.diffusion_model, "control": model.control_model,
-            "vae": model.first_stage_model, "clip": model.cond_stage_model}
+    vae = model.first_stage_model
+    # (name, module): fast mode's decode moves the VAE's decoding parts only (not its encoder),
+    # close() the whole VAE; a decode's two moves fold into one event (_squeeze)
+    nets = [("unet", model.model.diffusion_model), ("control", model.control_model),
+            ("vae", vae), ("vae decoding", vae.post_quant_conv), ("vae decoding", vae.decoder),
+            ("clip", model.cond_stage_model)]
     hooks = [model.cond_stage_model.transformer.register_forward_pre_hook(
                  lambda m, a: events.append(("run", "clip"))),
              model.first_stage_model.decoder.register_forward_pre_hook(
@@ -239,7 +243,7 @@ def _record(model, events):
                  lambda m, a: events.append(("run", "diffusion"))),
              model.control_model.middle_block_out.register_forward_pre_hook(
                  lambda m, a: events.append(("run", "diffusion")))]
-    for name, net in nets.items():
+    for name, net in nets:
         real = net.to
 
         def to(*args, _name=name, _real=real, **kwargs):
@@ -253,7 +257,7 @@ def _record(model, events):
     def undo():
         for h in hooks:
             h.remove()
-        for net in nets.values():
+        for _, net in nets:
             net.__dict__.pop("to", None)
     return undo
 
@@ -307,7 +311,7 @@ def test_fast_mode_under_low_vram_same_images_networks_in_place(model, image, sa
     # the fast copies are made per tensor where they live, CLIP's and the VAE's in host memory
     # (no module-wide move)
     assert built == []
-    vae = [("to", "vae", dev), ("run", "vae"), ("to", "vae", HOST_MARK)]
+    vae = [("to", "vae decoding", dev), ("run", "vae"), ("to", "vae decoding", HOST_MARK)]
     assert first == [("to", "clip", dev), ("run", "clip"), ("to", "clip", HOST_MARK),
                      ("run", "diffusion")] + vae
     assert second == [("run", "diffusion")] + vae          # a repeated prompt: CLIP stays put
