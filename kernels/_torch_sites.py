@@ -1,5 +1,6 @@
-"""The kernels.patch sites that need no Triton: CrossAttention through PyTorch's SDPA, and the
-cross-attention (attn2) that reads the per-generation constant K/V of the text from a cache.
+"""The kernels.patch sites that need no Triton: CrossAttention through PyTorch's SDPA, the
+cross-attention (attn2) that reads the per-generation constant K/V of the text from a cache, and
+the ResBlocks' timestep projection (emb_layers) read from a cache of the current step's values.
 
 Both run wherever torch does (CPU too), so `patch` installs them even where the Triton kernels
 cannot run. SDPA keeps the softmax in fp32 and never materializes the [N, N] logits; the model's
@@ -8,6 +9,7 @@ own CrossAttention cannot run in fp16 without autocast (fp32 logits meet fp16 V)
 
 from __future__ import annotations
 
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -85,6 +87,39 @@ def install_cross_kv(handle, model, lookup, sdpa):
     for m in cross_attentions(model):
         if "forward" not in m.__dict__:
             _patch_cross_kv(handle, m, lookup, sdpa)
+
+
+def resblock_emb_layers(model):
+    """The emb_layers (SiLU, Linear) of every ResBlock, in module order."""
+    return [m.emb_layers for m in model.modules()
+            if type(m).__name__ == "ResBlock" and isinstance(getattr(m, "emb_layers", None),
+                                                             nn.Sequential)]
+
+
+def emb_out(emb_layers, emb):
+    """emb_layers(emb) through its layers' class forwards (never an instance patch): what an
+    `emb_out` lookup returns, per row of `emb`."""
+    for layer in emb_layers:
+        emb = type(layer).forward(layer, emb)
+    return emb
+
+
+def _patch_emb_out(handle, m, lookup):
+    orig = m.forward
+
+    def forward(self, emb):
+        # The cached value depends only on the timestep, the same for every row of the call.
+        out = lookup(self)
+        return handle.run("emb_out", "not cached" if out is None else None,
+                          lambda: out.expand(emb.shape[0], -1), lambda: orig(emb))
+    handle._set(m, "forward", forward, "emb_out")
+
+
+def install_emb_out(handle, model, lookup):
+    """The cached timestep projection on every ResBlock's emb_layers."""
+    for m in resblock_emb_layers(model):
+        if "forward" not in m.__dict__:
+            _patch_emb_out(handle, m, lookup)
 
 
 def install_sdpa(handle, model):

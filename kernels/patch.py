@@ -33,8 +33,10 @@ Sites that need no Triton (kernels/_torch_sites.py), off unless asked for: `sdpa
 CrossAttention that the Triton attention does not take through F.scaled_dot_product_attention;
 `cross_kv=lookup` makes every attn2 read the per-generation constant K/V of the text from
 `lookup(module) -> (k, v)` ([B, heads, L, d]) when called without a context (fast mode's
-precompute). Patching an already patched model returns a handle whose `undo()` leaves the outer
-patch in place, so `kernels.patched()` nests.
+precompute); `emb_out=lookup` makes every ResBlock's emb_layers return `lookup(emb_layers)`
+([1, C], the projection of the current timestep's embedding, expanded to the rows of its input),
+or compute it when the lookup has none (counted as a fallback). Patching an already patched model
+returns a handle whose `undo()` leaves the outer patch in place, so `kernels.patched()` nests.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from . import platform
 logger = logging.getLogger(__name__)
 
 KERNELS = ("attention", "group_norm", "layer_norm", "geglu", "silu")
-TORCH_SITES = ("sdpa", "cross_kv")  # counted like kernels; need no Triton
+TORCH_SITES = ("sdpa", "cross_kv", "emb_out")  # counted like kernels; need no Triton
 # Block-level fusions (kernels/_fused.py says what each does). DEFAULT_FUSIONS: those measured
 # faster on the H200 (benchmarks/results/fusions_h200.md); `fusions=None` means these.
 # "skip_cat" has no patch site: fast mode's decoder (runtime/fast/split.py) calls kernels.residual's
@@ -216,7 +218,8 @@ def _fusion_names(fusions):
 
 
 def patch(model: nn.Module, *, attention=True, group_norm=True, layer_norm=True, geglu=True,
-          silu=True, sdpa=False, cross_kv=None, fusions=None, strict=False) -> PatchHandle:
+          silu=True, sdpa=False, cross_kv=None, emb_out=None, fusions=None,
+          strict=False) -> PatchHandle:
     """Patch `model`'s instances; `fusions`: names from FUSIONS (None: DEFAULT_FUSIONS, (): none).
     `attention` may be a policy `(module, self_attention) -> bool` that picks the Triton kernel per
     CrossAttention module (the others are left to `sdpa`).
@@ -232,12 +235,14 @@ def patch(model: nn.Module, *, attention=True, group_norm=True, layer_norm=True,
     if unknown:
         logger.warning("%s: unknown kernel names %s (known: %s)", ENV_DISABLE, sorted(unknown), KERNELS)
     enabled = {k: bool(v) and k not in off for k, v in enabled.items()}
-    enabled.update(sdpa=bool(sdpa), cross_kv=cross_kv is not None)
+    enabled.update(sdpa=bool(sdpa), cross_kv=cross_kv is not None, emb_out=emb_out is not None)
     handle = PatchHandle(model, strict, enabled, _fusion_names(fusions))
     handle.attention_policy = attention if callable(attention) else None
     from . import _torch_sites  # no Triton needed: installed wherever torch runs
     if cross_kv is not None:
         _torch_sites.install_cross_kv(handle, model, cross_kv, sdpa)
+    if emb_out is not None:
+        _torch_sites.install_emb_out(handle, model, emb_out)
     usable, why = platform.kernels_usable()
     if usable and not any(enabled[k] for k in KERNELS) and not handle.fusions:
         usable, why = False, f"all kernels disabled ({ENV_DISABLE} or arguments)"

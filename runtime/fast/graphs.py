@@ -67,6 +67,7 @@ class Entry:
         self.key = key
         self.bufs = StaticBuffers(key)
         self.kv = {}              # model call name -> {attn2 module: (k, v) static buffers}
+        self.embo = {}            # ResBlock emb_layers module -> [1, C] view of a static buffer
         self.graph = None
         self.pool = None
         self.capture_error = None
@@ -102,6 +103,7 @@ class Entry:
         self.graph = self.pool = None
         self.bufs.clear()
         self.kv.clear()
+        self.embo.clear()
 
 
 class GraphCache:

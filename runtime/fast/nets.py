@@ -93,11 +93,11 @@ class FastNets:
     """The model's UNet, ControlNet and VAE in the fast dtype, patched by kernels.patch; its CLIP
     in FastOptions.clip_dtype, unpatched."""
 
-    def __init__(self, model, options, cross_kv):
+    def __init__(self, model, options, cross_kv, emb_out=None):
         if owner(model) is not None:
             raise RuntimeError("this model is already in fast mode (owned by another fast-mode "
                                "pipeline): close() that one first")
-        self.model, self.options, self.cross_kv = model, options, cross_kv
+        self.model, self.options, self.cross_kv, self.emb_out = model, options, cross_kv, emb_out
         self.device = model.device
         self.nets = {"unet": model.model.diffusion_model, "control": model.control_model,
                      "vae": model.first_stage_model, "clip": model.cond_stage_model}
@@ -157,7 +157,8 @@ class FastNets:
         self.handle = kernels.patch(
             self._holder, attention=self.attention, group_norm=o.kernels,
             layer_norm=o.kernels, geglu=o.kernels, silu=o.kernels, sdpa=True,
-            cross_kv=self.cross_kv if o.precompute else None, fusions=o.kernel_fusions())
+            cross_kv=self.cross_kv if o.precompute else None,
+            emb_out=self.emb_out if o.precompute else None, fusions=o.kernel_fusions())
 
     def _unpatch(self):
         if self.handle is not None:

@@ -13,7 +13,7 @@ from runtime.fast import fallback
 from runtime.fast.graphs import GraphCache, Key
 from runtime.fast.nets import FastNets
 from runtime.fast.options import FastOptions
-from runtime.fast.precompute import CrossKV, Precompute, ddim_schedule
+from runtime.fast.precompute import CrossKV, EmbOut, Precompute, ddim_schedule
 from runtime.fast.step import Step, control_rows, model_calls
 from runtime.errors import require_finite
 from runtime.prompt_cache import PromptCache
@@ -42,11 +42,11 @@ class FastRunner:
         self.device = model.device
         self.options = o = options or FastOptions.for_device(self.device)
         self.prompts = prompts if prompts is not None else PromptCache()
-        self.kv = CrossKV()
+        self.kv, self.embo = CrossKV(), EmbOut()
         self.pre = Precompute(model, o.dtype, o.channels_last)   # before the nets convert
-        self.nets = FastNets(model, o, self.kv)
+        self.nets = FastNets(model, o, self.kv, self.embo)
         with self._on_device():
-            self.step = Step(self.nets, self.pre, self.kv, o, self.device)
+            self.step = Step(self.nets, self.pre, self.kv, self.embo, o, self.device)
         self._run_step = torch.compile(self.step, mode=o.compile) if o.compile else self.step
         self.graphs = GraphCache(o.graph_cache_size)
         self.last_info = {}
@@ -104,15 +104,20 @@ class FastRunner:
         e = self.graphs.get(key)
         self._load(e, hint.to(self.device), ctx_c, ctx_u if cfg else ctx_c, control_scales, scale,
                    x_T)
-        emb_table = self.pre.time_embeddings(sched.timesteps, self.device) if o.precompute else None
+        tables = None
+        if o.precompute:
+            emb_table = self.pre.time_embeddings(sched.timesteps, self.device)
+            embo_table, where = self.embo.table((self.unet, self.control), emb_table)
+            e.embo = self.embo.views(e.bufs.put("embo", embo_table[0]), where)
+            tables = emb_table, embo_table
         graph = o.cuda_graph and self.device.type == "cuda" and e.capture_error is None
         if graph and e.graph is None:
-            self._load_step(e, sched, emb_table, 0)
+            self._load_step(e, sched, tables, 0)
             e.capture(self._run_step, self.device)
             graph = e.graph is not None
         first_eps = None
         for i in range(len(sched.timesteps)):
-            self._load_step(e, sched, emb_table, i)
+            self._load_step(e, sched, tables, i)
             if eta > 0:
                 e.bufs["noise"].copy_(torch.randn(x_T.shape, device=self.device))
             if graph:
@@ -169,11 +174,14 @@ class FastRunner:
                 b.put("ctx_u_" + name, cu)
                 b.put("ctx_c_" + name, cc)
 
-    def _load_step(self, e, sched, emb_table, i):
+    def _load_step(self, e, sched, tables, i):
+        """Step i's values into the static buffers: the schedule's scalars, and the time
+        embeddings and their ResBlock projections (`tables`, with precompute) or the timestep."""
         b = e.bufs
         b["sc"].copy_(sched.scalars[i])
-        if emb_table is not None:
-            b["emb"].copy_(emb_table[i])
+        if tables is not None:
+            b["emb"].copy_(tables[0][i])
+            b["embo"].copy_(tables[1][i])
         else:
             b["t"].fill_(sched.timesteps[i])
 

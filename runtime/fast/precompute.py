@@ -1,12 +1,15 @@
 """What stays constant through one generation, computed once: the DDIM schedule's per-step values,
-the hint block's output, both time-embedding MLPs for every timestep, and the K/V of the text
-context for every cross-attention (attn2).
+the hint block's output, both time-embedding MLPs for every timestep, every ResBlock's projection
+of those embeddings (emb_layers: SiLU + Linear, 64 small kernels a step otherwise), and the K/V of
+the text context for every cross-attention (attn2).
 
 The hint block and the time embeddings run in fp32 on small fp32 copies of just those modules
 (taken before the networks are converted: ~5 M parameters at full size, 20 MB, against the 1.2 G
 of UNet + ControlNet), then are cast to the fast dtype. The text K/V come from the fast networks'
 own to_k/to_v, in the fast dtype, and reach the attn2 modules through `CrossKV`, the `cross_kv`
-lookup of kernels.patch.
+lookup of kernels.patch; the projections are computed by the fast networks' own emb_layers, in
+the fast dtype, for all timesteps at once, and reach the ResBlocks through `EmbOut`, the `emb_out`
+lookup (the step copies the current timestep's row into one static buffer).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from kernels._torch_sites import cross_attentions, split_kv
+from kernels._torch_sites import cross_attentions, emb_out, resblock_emb_layers, split_kv
 from ldm.modules.diffusionmodules.util import timestep_embedding
 
 
@@ -79,9 +82,9 @@ class Precompute:
         return torch.stack([eu, ec], dim=1).to(self.dtype)
 
 
-class CrossKV:
-    """The cached text K/V of the current model call, by attn2 module: kernels.patch's cross_kv
-    lookup. `current` is set by the step before each call (a dict of static buffers)."""
+class Lookup:
+    """A kernels.patch lookup by module: `current` is a dict of static buffers set by the step
+    for its calls (None: nothing cached)."""
 
     def __init__(self):
         self.current = None
@@ -89,8 +92,38 @@ class CrossKV:
     def __call__(self, module):
         return None if self.current is None else self.current.get(module)
 
+
+class CrossKV(Lookup):
+    """The cached text K/V of the current model call, by attn2 module: kernels.patch's cross_kv
+    lookup."""
+
     @staticmethod
     @torch.no_grad()
     def compute(net, context):
         """{attn2 module: (K, V)} of `context` ([Bm, L, D] in the fast dtype), [Bm, heads, L, d]."""
         return {m: split_kv(m, context) for m in cross_attentions(net)}
+
+
+class EmbOut(Lookup):
+    """The current step's timestep projection of every ResBlock, by emb_layers module:
+    kernels.patch's emb_out lookup ([1, C] views of one static buffer)."""
+
+    @staticmethod
+    @torch.no_grad()
+    def table(nets, emb_table):
+        """For `nets` (UNet, ControlNet) and their embeddings emb_table [N, 2, D] (time_embeddings):
+        ([N, total] in the fast dtype, every ResBlock's emb_layers output side by side, a row per
+        timestep; {emb_layers module: (offset, C)})."""
+        cols, where, offset = [], {}, 0
+        for j, net in enumerate(nets):
+            for m in resblock_emb_layers(net):
+                v = emb_out(m, emb_table[:, j])
+                where[m] = (offset, v.shape[1])
+                offset += v.shape[1]
+                cols.append(v)
+        return torch.cat(cols, dim=1), where
+
+    @staticmethod
+    def views(buf, where):
+        """{emb_layers module: [1, C] view of `buf`} for a static buffer of one table row."""
+        return {m: buf[off:off + c].view(1, c) for m, (off, c) in where.items()}

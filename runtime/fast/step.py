@@ -32,9 +32,9 @@ def control_rows(key, batched_cfg):
 class Step:
     """`step(entry)`: one DDIM step on entry.bufs["x"] in place."""
 
-    def __init__(self, nets, precompute, cross_kv, options, device):
+    def __init__(self, nets, precompute, cross_kv, emb_out, options, device):
         self.nets, self.unet, self.control = nets, nets.unet, nets.control
-        self.pre, self.kv, self.options = precompute, cross_kv, options
+        self.pre, self.kv, self.embo, self.options = precompute, cross_kv, emb_out, options
         self.side = (torch.cuda.Stream(device=device)
                      if options.two_streams and device.type == "cuda" else None)
 
@@ -100,8 +100,13 @@ class Step:
 
     def __call__(self, e):
         b, key = e.bufs, e.key
-        outs = [self.model_eps(e, name, off).float()
-                for name, off in model_calls(key, self.options.batched_cfg)]
+        if self.options.precompute:   # the ResBlocks read this step's projections (static buffer)
+            self.embo.current = e.embo
+        try:
+            outs = [self.model_eps(e, name, off).float()
+                    for name, off in model_calls(key, self.options.batched_cfg)]
+        finally:
+            self.embo.current = None
         if not key.cfg:
             eps = outs[0]
         else:

@@ -124,6 +124,39 @@ def test_sdpa_and_cross_kv_sites():
     assert "forward" not in attn1.__dict__ and "forward" not in attn2.__dict__
 
 
+def test_emb_out_site():
+    """emb_out: a ResBlock's emb_layers returns the lookup's [1, C] value expanded to its rows
+    (the emb it is given is not read), or computes from emb when the lookup has none (a counted
+    fallback; strict raises); undone without a trace."""
+    from kernels._torch_sites import emb_out, resblock_emb_layers
+    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+    torch.manual_seed(0)
+    rb = ResBlock(32, 16, 0.0, out_channels=32).to(DEV).eval()
+    with torch.no_grad():
+        for p in rb.parameters():    # its last convolution starts at zero: emb would not show
+            p.normal_(0.0, 0.3)
+    x, emb = torch.randn(2, 32, 4, 4, device=DEV), torch.randn(1, 16, device=DEV).expand(2, -1)
+    assert resblock_emb_layers(rb) == [rb.emb_layers]
+    cache = {}
+    off = dict(attention=False, group_norm=False, layer_norm=False, geglu=False, silu=False,
+               fusions=())
+    with torch.no_grad():
+        ref = rb(x, emb)
+        with kernels.patched(rb, emb_out=cache.get, **off) as h:
+            assert_close(rb(x, emb), ref, torch.float32)           # nothing cached: computed
+            assert h.counts["emb_out"]["fallbacks"] == 1
+            cache[rb.emb_layers] = emb_out(rb.emb_layers, emb[:1])
+            got = rb(x, torch.zeros_like(emb))                     # the cache, not this emb
+            assert h.counts["emb_out"]["calls"] == 1
+        assert "forward" not in rb.emb_layers.__dict__
+        assert_close(got, ref, torch.float32)
+        assert not torch.allclose(rb(x, torch.zeros_like(emb)), ref)  # the zeros do matter
+        cache.clear()
+        with kernels.patched(rb, emb_out=cache.get, strict=True, **off):
+            with pytest.raises(KernelFallback, match="not cached"):
+                rb(x, emb)
+
+
 def test_attention_policy_picks_per_module():
     """attention=policy(module, self_attention): the Triton kernel where the policy says so,
     SDPA (sdpa=True) elsewhere; the policy is asked with the right self/cross flag."""

@@ -172,6 +172,34 @@ def test_precomputed_pieces_equal_recomputed(model, inputs, runner):
             next(iter(kv))(xs[next(iter(kv))])
 
 
+def test_resblock_projections_precomputed(model, inputs, runner):
+    """EmbOut.table holds every ResBlock's emb_layers of each timestep's embedding (the model's
+    own forward, unpatched); in a generation every ResBlock reads its row from the cache (no
+    fallback), once per step."""
+    from kernels._torch_sites import resblock_emb_layers
+    hint, ctx_c, ctx_u, x_T = inputs
+    r = runner()
+    nets = (model.model.diffusion_model, model.control_model)
+    layers = [resblock_emb_layers(n) for n in nets]
+    ts = [951, 501, 1]
+    with torch.no_grad():
+        emb_table = r.pre.time_embeddings(ts, torch.device("cpu"))
+        table, where = r.embo.table(nets, emb_table)
+        assert list(where) == layers[0] + layers[1] and len(layers[0]) > 0 and len(layers[1]) > 0
+        assert table.shape == (len(ts), sum(c for _, c in where.values()))
+        with r.fp32():
+            for j, ms in enumerate(layers):
+                for m in ms:
+                    off, c = where[m]
+                    torch.testing.assert_close(table[:, off:off + c], m(emb_table[:, j]),
+                                               **TOL[torch.float32])
+    _, info = r.sample(hint, ctx_c, ctx_u, x_T, 3)
+    counts = r.kernel_handle.counts["emb_out"]
+    assert counts["sites"] == len(where) and counts["fallbacks"] == 0
+    assert counts["calls"] == len(where) * info["steps"]
+    assert r.embo.current is None   # nothing left cached for a call outside the step
+
+
 @pytest.mark.parametrize("guess,eta,scale", [(False, 0.0, 9.0), (True, 0.0, 9.0), (False, 0.5, 4.0)])
 def test_fast_sampler_equals_reference_sampler_fp32(inputs, runner, guess, eta, scale):
     hint, ctx_c, ctx_u, x_T = inputs
