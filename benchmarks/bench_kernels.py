@@ -34,7 +34,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 from kernels import platform  # noqa: E402
 from kernels.activations import activation  # noqa: E402
 from kernels.attention import attention  # noqa: E402
-from kernels.geglu import geglu  # noqa: E402
+from kernels.geglu import geglu, geglu_linear  # noqa: E402
 from kernels.group_norm import group_norm  # noqa: E402
 from kernels.layer_norm import layer_norm  # noqa: E402
 
@@ -223,6 +223,60 @@ def elementwise_rows(ceil):
     return rows
 
 
+# the feed-forward projections of the 512² UNet levels at CFG batch 2: (M tokens, K, F)
+GEGLU_GEMMS = [(2 * 4096, 320, 1280), (2 * 1024, 640, 2560), (2 * 256, 1280, 5120),
+               (2 * 64, 1280, 5120)]
+# launch configurations tried by --only geglu_gemm (the first is platform's current one)
+GEGLU_GEMM_SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
+                    for bm, bn, bk, w, st in [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+                                              (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+                                              (128, 64, 32, 8, 4), (64, 128, 64, 8, 3),
+                                              (128, 128, 32, 8, 4), (64, 64, 32, 4, 5)]]
+
+
+def geglu_gemm_rows(ceil):
+    """Fusion geglu_gemm: one Triton GEMM with GEGLU in its epilogue vs fast mode's unfused path
+    (cuBLAS F.linear with bias, then the GEGLU kernel), and cuBLAS's GEMM alone; each launch
+    configuration of GEGLU_GEMM_SWEEP, and its max abs difference from the unfused result."""
+    rows = []
+    table = platform._table()
+    saved = dict(table["geglu_gemm"])
+    try:
+        for M, K, Fo in GEGLU_GEMMS:
+            g = torch.Generator(device="cuda").manual_seed(M + K)
+            x = torch.randn(M, K, dtype=DT, device="cuda", generator=g)
+            w = torch.randn(2 * Fo, K, dtype=DT, device="cuda", generator=g) * K ** -0.5
+            b = torch.randn(2 * Fo, dtype=DT, device="cuda", generator=g) * 0.1
+            shape = f"[{M},{K}]x[{2 * Fo},{K}]"
+            flop = 2 * M * K * 2 * Fo
+            row = dict(kernel="geglu_gemm", shape=shape)
+            try:
+                row["unfused_ms"] = bench(lambda: geglu(F.linear(x, w, b)))[0]
+                row["cublas_gemm_ms"] = bench(lambda: F.linear(x, w, b))[0]
+                want = geglu(F.linear(x, w, b)).float()
+                for i, cfg in enumerate(GEGLU_GEMM_SWEEP):
+                    table["geglu_gemm"] = cfg
+                    key = "cfg{}_{BLOCK_M}x{BLOCK_N}x{BLOCK_K}_w{num_warps}_s{num_stages}".format(i, **cfg)
+                    try:
+                        ms = bench(lambda: geglu_linear(x, w, b))[0]
+                        diff = (geglu_linear(x, w, b).float() - want).abs().max().item()
+                        row[key] = dict(ms=ms, TFLOPs=flop / ms / 1e9, max_abs_diff=diff)
+                    except Exception as ex:
+                        row[key] = dict(error=f"{type(ex).__name__}: {ex}"[:200])
+                timed = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
+                best = min(timed, key=timed.get)
+                row["triton_ms"], row["best_config"] = timed[best], best
+                row["speedup_vs_eager"] = row["unfused_ms"] / row["triton_ms"]
+                row["cublas_TFLOPs"] = flop / row["cublas_gemm_ms"] / 1e9
+            except Exception as ex:
+                row["error"] = f"{type(ex).__name__}: {ex}"[:300]
+            rows.append(row)
+            print(row, flush=True)
+    finally:
+        table["geglu_gemm"] = saved
+    return rows
+
+
 def _meta(args):
     commit, dirty = args.commit or "unknown", None
     try:
@@ -277,7 +331,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="skip eager attention and NHWC rows")
     p.add_argument("--no-graph", action="store_true", help="time eager launches (host overhead in)")
     p.add_argument("--commit", help="the code's commit, when run from a copy without .git")
-    p.add_argument("--only", choices=["attention"], help="only the attention rows (Triton vs SDPA)")
+    p.add_argument("--only", choices=["attention", "geglu_gemm"],
+                   help="only the attention rows (Triton vs SDPA), or only fusion geglu_gemm's")
     args = p.parse_args()
     MODE["graph"] = not args.no_graph
     if not torch.cuda.is_available():
@@ -285,7 +340,7 @@ def main():
     t0 = time.time()
     meta = _meta(args)  # after MODE is set
     ceil = ceilings()
-    rows = attention_rows(ceil, args.quick)
+    rows = geglu_gemm_rows(ceil) if args.only == "geglu_gemm" else attention_rows(ceil, args.quick)
     if not args.only:
         rows += group_norm_rows(ceil, args.compile, args.quick)
         rows += elementwise_rows(ceil)

@@ -14,12 +14,14 @@ Rows:
   fp16                 FastOptions.plain(): model in fp16 + SDPA attention, eager, two CFG calls
   +kernels (per-op Triton kernels, no fusions), +batched_cfg, +precompute, +channels_last
   (UNet, ControlNet and VAE), +cuda_graph (two streams), +fusions (kernels.DEFAULT_FUSIONS: =
-  full fast mode), +conv_gemm (every fusion, also the small-map 3x3 convolutions as im2col +
+  full fast mode), +conv_gemm (the defaults and the small-map 3x3 convolutions as im2col +
   GEMM: not a default)
   vae_nchw             +fusions with the VAE in NCHW (as before b98671a's measurement)
   clip_fp32, clip_fp16 +fusions with CLIP in that dtype (FastOptions.clip_dtype); the prompt
                        cache runs CLIP once per row, so its time shows in the first warm-up, its
                        error in eps err and PSNR, its weights in the peak
+  geglu_gemm           +fusions and the feed-forward projection with GEGLU in one Triton GEMM
+                       (fusion geglu_gemm: not a default until this row says so)
   compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
                        in a subprocess with a time limit: "did not compile within N s" is
                        recorded if it runs over
@@ -53,7 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.profile_step import family_cell, profile_outside, profile_step, shape_table  # noqa: E402
-from kernels import FUSIONS  # noqa: E402
+from kernels import DEFAULT_FUSIONS  # noqa: E402
 from runtime.app import make_model  # noqa: E402
 from runtime.canny2image import Canny2Image  # noqa: E402
 from runtime.fast import FastOptions, owner  # noqa: E402
@@ -70,12 +72,14 @@ ABLATION = [
     ("+channels_last", dict(channels_last=True, vae_channels_last=True)),
     ("+cuda_graph", dict(cuda_graph=True, two_streams=True)),
     ("+fusions", dict(fusions=None)),   # kernels.DEFAULT_FUSIONS (= full fast mode)
-    ("+conv_gemm", dict(fusions=FUSIONS)),  # + small-map 3x3 convolutions as im2col + GEMM
+    # + small-map 3x3 convolutions as im2col + GEMM
+    ("+conv_gemm", dict(fusions=DEFAULT_FUSIONS + ("conv_gemm",))),
 ]
 # Rows outside the cumulative ablation: a row of it plus one change.
 VARIANTS = {"vae_nchw": ("+fusions", dict(vae_channels_last=False)),
             "clip_fp32": ("+fusions", dict(clip_dtype=torch.float32)),
-            "clip_fp16": ("+fusions", dict(clip_dtype=torch.float16))}
+            "clip_fp16": ("+fusions", dict(clip_dtype=torch.float16)),
+            "geglu_gemm": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("geglu_gemm",)))}
 PROMPT = "a house under the sun"
 
 

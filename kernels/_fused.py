@@ -31,6 +31,11 @@ counted; `strict=True` raises instead.
   MAX_HW 0 run cuDNN (counted "unfused"). Not a default fusion: +89 kernels a step at 256² for
   -0.11 ms of GPU time (platform.py has the numbers); a one-kernel split-K convolution is the
   real fix for these maps.
+* geglu_gemm (GEGLU): the feed-forward projection and GEGLU in one Triton GEMM whose epilogue
+  adds the bias, splits value and gate and applies the GELU (kernels/geglu.py geglu_linear): the
+  [.., 2F] projection (2x the GEGLU output) is never written nor read back, and one kernel
+  replaces cuBLAS's GEMM + the GEGLU pass. fp32 on AMD runs the per-op path (no fp32 dot there).
+  Not a default fusion until measured against cuBLAS + the GEGLU kernel on the GPU.
 * skip_cat has no site here: fast mode's decoder (runtime/fast/split.py) calls kernels.residual's
   skip_cat through `handle.run("skip_cat", ...)` when the handle lists it.
 Measured on the H200 (benchmarks/results/fusions_h200.md): the six defaults take a 512² step from 1150 to
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 from . import platform
 from .attention import attention
 from .conv import conv2d_gemm
+from .geglu import geglu_linear
 from .group_norm import group_norm
 from .layer_norm import MAX_N as LN_MAX_N
 from .layer_norm import layer_norm
@@ -255,3 +261,24 @@ def patch_conv_gemm(handle, conv):
     def forward(self, x):
         return _conv_gemm(handle, self, x, self.bias)
     handle._set(conv, "forward", forward, "conv_gemm")
+
+
+# -- GEGLU: projection GEMM + GEGLU in one kernel ---------------------------------------------------
+def geglu_gemm_ok(m):
+    return (type(m).__name__ == "GEGLU" and type(getattr(m, "proj", None)) is nn.Linear
+            and m.proj.bias is not None)
+
+
+def patch_geglu_gemm(handle, m):
+    orig = m.forward
+
+    def forward(self, x):
+        r = _tensor_reason(x)
+        if r is None and x.stride(-1) != 1:
+            r = "layout"
+        if r is None and x.dtype == torch.float32 and not platform.fp32_dot_ok():
+            r = "fp32 on this platform"
+        return handle.run("geglu_gemm", r,
+                          lambda: geglu_linear(x, self.proj.weight, self.proj.bias),
+                          lambda: orig(x))
+    handle._set(m, "forward", forward, "geglu_gemm")

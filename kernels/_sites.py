@@ -246,6 +246,9 @@ def install(handle, model):
         elif "conv_gemm" in fu and _fused.conv_gemm_ok(m) and fresh(m):
             _fused.patch_conv_gemm(handle, m)
             done.add(id(m))
+        elif "geglu_gemm" in fu and en["geglu"] and _fused.geglu_gemm_ok(m) and fresh(m):
+            _fused.patch_geglu_gemm(handle, m)
+            done.add(id(m))
     if en["group_norm"]:
         for m in mods:
             if "conv_bias" in fu and _fused.resblock_ok(m) and "_forward" not in m.__dict__:

@@ -206,10 +206,11 @@ def _vae_channels_last():
 
 
 def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
-           decode_batch=1, on_new=None) -> list[Launch]:
+           decode_batch=1, on_new=None, geglu_gemm=False) -> list[Launch]:
     """Every distinct launch of one denoising step (each model batch in `batches`), a CLIP forward
     (same batches) and a VAE decode (`decode_batch`), as the launchers would make them on
-    `target` (a TARGETS name or a platform.Target) for images of `size` (a side, or (H, W)).
+    `target` (a TARGETS name or a platform.Target) for images of `size` (a side, or (H, W));
+    with `geglu_gemm` also those of that opt-in fusion (the compile gate's, not fast mode's).
     on_new(launch): called with each distinct launch as soon as it is recorded."""
     import kernels
     model = build_model(channels_last) if model is None else model
@@ -223,6 +224,12 @@ def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
     skips, cats = [], []
     hooks += [b.register_forward_hook(lambda m, i, o: skips.append(o)) for b in unet.input_blocks]
     hooks += [b.register_forward_pre_hook(lambda m, i: cats.append(i[0])) for b in unet.output_blocks]
+    # The opt-in fusion geglu_gemm runs each GEGLU's projection and GEGLU as one kernel: its
+    # launches are made here, at the inputs the GEGLU modules see.
+    geglus = []
+    if geglu_gemm:
+        hooks += [m.register_forward_pre_hook(lambda m, i: geglus.append((m, i[0])))
+                  for m in model.modules() if type(m).__name__ == "GEGLU"]
     with platform.as_target(target) as t, _recording(t, sink, site, on_new), _gpu_conv_layout(), \
             torch.no_grad():
         handle = kernels.patch(model, strict=True)  # a fallback would hide a launch: raise
@@ -238,6 +245,12 @@ def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
                 skips.clear()
                 cats.clear()
                 model.apply_model(x, torch.zeros(B, dtype=torch.long, **meta), cond)
+                if geglus:
+                    from .geglu import geglu_linear
+                    site[0] = f"fusion geglu_gemm B{B}"
+                    for m, inp in geglus:
+                        geglu_linear(inp, m.proj.weight, m.proj.bias)
+                geglus.clear()
                 if "skip_cat" in handle.fusions:
                     from .residual import skip_cat
                     site[0] = f"decoder skip_cat B{B}"
@@ -357,7 +370,7 @@ def report(targets) -> dict:
     model = build_model()
     rows, missing = [], {}
     for name in targets:
-        launches = record(name, model)
+        launches = record(name, model, geglu_gemm=True)
         missing[name] = uncovered_hotspots(launches)
         rows += [compile_launch(lch, name) for lch in launches]
     return {"triton": version, "torch": torch.__version__, "targets": list(targets),

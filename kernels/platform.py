@@ -250,6 +250,10 @@ _CUDA = {
     # 0.43, the step 4.27 ms of GPU time instead of 4.38, but 871 kernels instead of 782 (pad +
     # im2col copies): not in kernels.DEFAULT_FUSIONS.
     "conv_gemm": dict(MAX_HW=16),
+    # fusion geglu_gemm (kernels/geglu.py): the feed-forward projection with GEGLU in its
+    # epilogue; two fp32 accumulators (value, gate) per [BLOCK_M, BLOCK_N] output tile. Not tuned
+    # yet: the usual Hopper fp16 GEMM tile, to be swept against cuBLAS + the GEGLU pass.
+    "geglu_gemm": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
 }
 
 # RDNA3 (gfx11: W7900 = gfx1100, wave32, 96 CUs / 48 WGPs, 64 KB LDS per workgroup, 1536 VGPRs
@@ -277,6 +281,8 @@ _HIP = {
     "residual": dict(BLOCK=2048, num_warps=4),  # 4 waves of 32 lanes: 16 elements a lane
     # MIOpen vs rocBLAS at small maps is not measured: no map takes the GEMM path on AMD
     "conv_gemm": dict(MAX_HW=0),
+    # two 64x64 fp32 accumulators over 4 waves of 32 lanes: 64 VGPRs of accumulators a lane
+    "geglu_gemm": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1),
 }
 
 # CDNA (gfx9: MI300X = gfx942, wave64, 304 CUs, 64 KB LDS, 512 unified VGPR/AGPRs per lane, MFMA).
@@ -312,6 +318,7 @@ _INTERP = {
     "elementwise": dict(BLOCK=4096, num_warps=4),
     "residual": dict(BLOCK=4096, num_warps=4),
     "conv_gemm": dict(MAX_HW=16),  # the CUDA rule, so CPU tests take the GEMM path
+    "geglu_gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
 }
 
 

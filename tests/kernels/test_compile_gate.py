@@ -58,7 +58,8 @@ def test_every_launch_compiles_and_every_hot_shape_is_covered(report, target):
     assert not errors, errors
     assert not report["uncovered_hotspots"][target]
     kernels = {r["kernel"] for r in _rows(report, target)}
-    assert {"_attn_fwd_kernel", "_layer_norm_fwd_kernel", "_geglu_fwd_kernel"} <= kernels
+    assert {"_attn_fwd_kernel", "_layer_norm_fwd_kernel", "_geglu_fwd_kernel",
+            "_geglu_linear_kernel"} <= kernels
 
 
 def test_no_spills_no_scratch_on_gfx1100(report):

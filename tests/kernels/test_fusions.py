@@ -295,6 +295,42 @@ def test_conv_gemm_resblock_and_downsample(with_conv_bias, hw, gemm):
         assert_close(got, want, torch.float32, scale=5.0)
 
 
+# -- geglu_gemm: the feed-forward projection with GEGLU in its epilogue ---------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("m,k,f", [(37, 48, 40), (64, 64, 32), (5, 96, 24)])
+def test_geglu_linear(dtype, m, k, f):
+    """Ragged M, K and F (not multiples of the blocks) and even ones, against fp64 math; fp16 no
+    worse than 2x eager fp16 (F.linear then value · gelu(gate))."""
+    from kernels.geglu import geglu_linear
+    x, w, b = _rand(m, k, seed=40), _rand(2 * f, k, seed=41) * k ** -0.5, _rand(2 * f, seed=42)
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    out = geglu_linear(x.view(1, m, k), w, b)
+    v, g = torch.nn.functional.linear(x.double(), w.double(), b.double()).chunk(2, dim=-1)
+    want = v * torch.nn.functional.gelu(g)
+    ev, eg = torch.nn.functional.linear(x, w, b).chunk(2, dim=-1)
+    assert out.shape == (1, m, f)
+    assert_close(out[0], want, dtype, scale=2.0,
+                 torch_result=None if dtype == torch.float32 else ev * torch.nn.functional.gelu(eg))
+
+
+def test_geglu_gemm_feed_forward():
+    """FeedForward(glu=True) with the fusion, strict, vs the unpatched module in fp64; NCHW-free
+    3-D tokens as the transformer block passes them; a non-contiguous last dim falls back."""
+    from ldm.modules.attention import FeedForward
+    m = _randomize(FeedForward(24, mult=2, glu=True)).to(DEV)
+    x = _rand(2, 9, 24, seed=43)
+    with torch.no_grad():
+        want = copy.deepcopy(m).double()(x.double())
+        with kernels.patched(m, strict=True, fusions=("geglu_gemm",), **OTHERS) as h:
+            got = m(x)
+        assert h.counts["geglu_gemm"]["calls"] == 1 and h.counts["geglu"]["sites"] == 0
+        with kernels.patched(m, fusions=("geglu_gemm",), **OTHERS) as h:
+            strided = m(x.transpose(1, 2).contiguous().transpose(1, 2))
+        assert h.counts["geglu_gemm"]["reasons"] == {"layout": 1}
+    assert_close(got, want, torch.float32, scale=5.0)
+    assert_close(strided, want, torch.float32, scale=5.0)
+
+
 def _fast_copy(m, dtype):
     from ldm.modules.diffusionmodules.util import GroupNorm32
     m = copy.deepcopy(m).to(dtype)
@@ -340,6 +376,15 @@ def test_gpu_conv_gemm(ch):
     _gpu_check(lambda: _resblock(2 * ch, ch), [torch.randn(2, 2 * ch, 4, 4), torch.randn(2, 32)],
                "conv_gemm")
     _gpu_check(lambda: Downsample(ch, True, dims=2), [torch.randn(2, ch, 8, 8)], "conv_gemm")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ch,hw", GPU_MAPS)
+def test_gpu_geglu_gemm(ch, hw):
+    """The feed-forward of each UNet level at its token count (CFG batch 2): fp16 fused vs fp32,
+    no worse than cuBLAS + the GEGLU kernel."""
+    from ldm.modules.attention import FeedForward
+    _gpu_check(lambda: FeedForward(ch, glu=True), [torch.randn(2, hw * hw, ch)], "geglu_gemm")
 
 
 @pytest.mark.gpu
