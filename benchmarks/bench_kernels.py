@@ -315,6 +315,13 @@ def _markdown(meta, ceil, rows):
             base, sp = r["sdpa_ms"], r["speedup_vs_sdpa"]
             rate, frac = f"{r['triton_TFLOPs']:.0f} TFLOP/s", r["frac_of_matmul"]
             note = f"vs SDPA; {r['kind']}; {r['path']}; fast mode: {r.get('fast_mode_backend')}" + (f"; eager {r['eager_ms']:.3f}" if "eager_ms" in r else "")
+        elif r["kernel"] == "geglu_gemm":
+            base, sp = r["unfused_ms"], r["speedup_vs_eager"]
+            tflops = r[r["best_config"]]["TFLOPs"]
+            rate, frac = f"{tflops:.0f} TFLOP/s", tflops / ceil["matmul_fp16_TFLOPs"]
+            note = (f"vs cuBLAS F.linear + the GEGLU kernel; cuBLAS GEMM alone "
+                    f"{r['cublas_gemm_ms']:.4f} ms; best of the sweep: {r['best_config']}, max abs "
+                    f"diff {r[r['best_config']]['max_abs_diff']:.2g}")
         else:
             base, sp = r["eager_ms"], r["speedup_vs_eager"]
             rate, frac = f"{r['triton_TBps']:.2f} TB/s", r["frac_of_copy"]
