@@ -96,14 +96,6 @@ def resblock_emb_layers(model):
                                                              nn.Sequential)]
 
 
-def emb_out(emb_layers, emb):
-    """emb_layers(emb) through its layers' class forwards (never an instance patch): what an
-    `emb_out` lookup returns, per row of `emb`."""
-    for layer in emb_layers:
-        emb = type(layer).forward(layer, emb)
-    return emb
-
-
 def _patch_emb_out(handle, m, lookup):
     orig = m.forward
 

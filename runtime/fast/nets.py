@@ -7,7 +7,9 @@ the model): the CLI and the demo build these networks there (build_model(host_ch
 HOST_BUILT)), and each tensor's fast copy is made from its original straight on the device, so
 no fp32 network is ever on the device (a model built on the device is copied to host memory
 first). CLIP is converted only when FastOptions.clip_dtype asks for it (its softmax and LayerNorm
-statistics stay fp32 in the model code); it is never patched: it runs once per new prompt.
+statistics stay fp32 in the model code); it is never patched: it runs once per new prompt. What
+fast mode never runs on the device keeps its fast copy in host memory (`host_only`: the VAE
+encoder, and the ResBlocks' timestep projections, which precompute tabulates on the host).
 
 A FastNets *owns* the model until `close()`: a second fast runner on the same model is refused,
 and reference-mode work on it (the fp32 redo, reference mode on the same object) runs inside
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels._torch_sites import resblock_emb_layers
 from kernels.patch import KERNELS
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from runtime import lowvram
@@ -42,6 +45,16 @@ PATCHED = ("unet", "control", "vae")   # kernels.patch covers these; CLIP keeps 
 # Parts fast mode never runs (canny2image only decodes): their fast copies stay in host memory,
 # ~68 MB of fp16 VAE encoder off the device.
 UNUSED = {"vae": ("encoder", "quant_conv")}
+
+
+def host_only(name, net, options):
+    """Ids of the modules of network `name` whose fast copies stay in host memory: the UNUSED
+    parts and, with precompute, every ResBlock's emb_layers (~76 MB of fp16 in UNet + ControlNet:
+    their outputs are a table made on the host, runtime/fast/precompute.py EmbOut)."""
+    parts = [getattr(net, p) for p in UNUSED.get(name, ())]
+    if options.precompute and name in ("unet", "control"):
+        parts += resblock_emb_layers(net)
+    return {id(m) for part in parts for m in part.modules()}
 # The ControlLDM children fast mode converts: build_model(host_children=HOST_BUILT) creates them
 # in host memory, and FastNets makes each tensor's fast copy on the device from there.
 HOST_BUILT = ("model", "control_model", "first_stage_model")
@@ -122,7 +135,7 @@ class FastNets:
             dtype, cl = target[n]
             # low-VRAM: the fast VAE and CLIP live in host memory between their phases
             where = lowvram.HOST if self.low_vram and n in ("vae", "clip") else self.device
-            unused = {id(m) for part in UNUSED.get(n, ()) for m in getattr(net, part).modules()}
+            unused = host_only(n, net, o)
 
             def place(mod, where=where, unused=unused):
                 return torch.device(lowvram.HOST if id(mod) in unused else where)

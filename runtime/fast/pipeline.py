@@ -107,7 +107,10 @@ class FastRunner:
         tables = None
         if o.precompute:
             emb_table = self.pre.time_embeddings(sched.timesteps, self.device)
-            embo_table, where = self.embo.table((self.unet, self.control), emb_table)
+            embo_table, where = self.embo.table(
+                (self.unet, self.control), sched.timesteps,
+                lambda ts: self.pre.time_embeddings(ts, self.device, torch.float32), o.dtype,
+                self.device)
             e.embo = self.embo.views(e.bufs.put("embo", embo_table[0]), where)
             tables = emb_table, embo_table
         graph = o.cuda_graph and self.device.type == "cuda" and e.capture_error is None

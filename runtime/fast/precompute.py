@@ -7,19 +7,24 @@ The hint block and the time embeddings run in fp32 on small fp32 copies of just 
 (taken before the networks are converted: ~5 M parameters at full size, 20 MB, against the 1.2 G
 of UNet + ControlNet), then are cast to the fast dtype. The text K/V come from the fast networks'
 own to_k/to_v, in the fast dtype, and reach the attn2 modules through `CrossKV`, the `cross_kv`
-lookup of kernels.patch; the projections are computed by the fast networks' own emb_layers, in
-the fast dtype, for all timesteps at once, and reach the ResBlocks through `EmbOut`, the `emb_out`
-lookup (the step copies the current timestep's row into one static buffer).
+lookup of kernels.patch. The projections are a table made on the host in fp32 from the fp32 time
+embeddings and the emb_layers' fast weights (which fast mode keeps in host memory: ~76 MB of fp16
+off the device), once per schedule (the timesteps of a step count never change), and reach the
+ResBlocks through `EmbOut`, the `emb_out` lookup: the step copies the current timestep's row into
+one static buffer.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from kernels._torch_sites import cross_attentions, emb_out, resblock_emb_layers, split_kv
+from kernels._torch_sites import cross_attentions, resblock_emb_layers, split_kv
 from ldm.modules.diffusionmodules.util import timestep_embedding
 
 
@@ -73,13 +78,13 @@ class Precompute:
         return self.fmt(self.hint_block(hint.float(), None, None).to(self.dtype))
 
     @torch.no_grad()
-    def time_embeddings(self, timesteps, device):
-        """[N, 2, time_embed_dim] in the fast dtype: (UNet, ControlNet) time_embed of each
-        timestep, computed in fp32."""
+    def time_embeddings(self, timesteps, device, dtype=None):
+        """[N, 2, time_embed_dim] in `dtype` (None: the fast dtype): (UNet, ControlNet) time_embed
+        of each timestep, computed in fp32."""
         t = torch.tensor(timesteps, dtype=torch.long, device=device)
         temb = timestep_embedding(t, self.model_channels)
         eu, ec = self.time_embed_unet(temb), self.time_embed_control(temb)
-        return torch.stack([eu, ec], dim=1).to(self.dtype)
+        return torch.stack([eu, ec], dim=1).to(self.dtype if dtype is None else dtype)
 
 
 class Lookup:
@@ -108,22 +113,47 @@ class EmbOut(Lookup):
     """The current step's timestep projection of every ResBlock, by emb_layers module:
     kernels.patch's emb_out lookup ([1, C] views of one static buffer)."""
 
-    @staticmethod
+    CACHED = 4   # tables kept, by schedule (1.2 MB each at 20 steps, full size)
+
+    def __init__(self):
+        super().__init__()
+        self._tables = collections.OrderedDict()
+
     @torch.no_grad()
-    def table(nets, emb_table):
-        """For `nets` (UNet, ControlNet) and their embeddings emb_table [N, 2, D] (time_embeddings):
-        ([N, total] in the fast dtype, every ResBlock's emb_layers output side by side, a row per
-        timestep; {emb_layers module: (offset, C)})."""
+    def table(self, nets, timesteps, embeddings, dtype, device):
+        """For `nets` (UNet, ControlNet): ([N, total] in `dtype` on `device`: every ResBlock's
+        emb_layers output for each timestep, side by side, a row per timestep; {emb_layers module:
+        (offset, C)}). `embeddings(timesteps)` gives their time embeddings [N, 2, D] in fp32."""
+        key = (tuple(timesteps), dtype, str(device))
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+            return hit
+        emb = embeddings(timesteps).float().cpu()
         cols, where, offset = [], {}, 0
         for j, net in enumerate(nets):
             for m in resblock_emb_layers(net):
-                v = emb_out(m, emb_table[:, j])
+                v = _host_fp32(m, emb[:, j])
                 where[m] = (offset, v.shape[1])
                 offset += v.shape[1]
                 cols.append(v)
-        return torch.cat(cols, dim=1), where
+        hit = self._tables[key] = (torch.cat(cols, dim=1).to(device, dtype), where)
+        while len(self._tables) > self.CACHED:
+            self._tables.popitem(last=False)
+        return hit
 
     @staticmethod
     def views(buf, where):
         """{emb_layers module: [1, C] view of `buf`} for a static buffer of one table row."""
         return {m: buf[off:off + c].view(1, c) for m, (off, c) in where.items()}
+
+
+def _host_fp32(layers, x):
+    """`layers` (SiLU, Linear) on host fp32 `x`, their Linear weights taken to host fp32."""
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            b = None if layer.bias is None else layer.bias.to("cpu", torch.float32)
+            x = F.linear(x, layer.weight.to("cpu", torch.float32), b)
+        else:
+            x = type(layer).forward(layer, x)
+    return x

@@ -128,7 +128,7 @@ def test_emb_out_site():
     """emb_out: a ResBlock's emb_layers returns the lookup's [1, C] value expanded to its rows
     (the emb it is given is not read), or computes from emb when the lookup has none (a counted
     fallback; strict raises); undone without a trace."""
-    from kernels._torch_sites import emb_out, resblock_emb_layers
+    from kernels._torch_sites import resblock_emb_layers
     from ldm.modules.diffusionmodules.openaimodel import ResBlock
     torch.manual_seed(0)
     rb = ResBlock(32, 16, 0.0, out_channels=32).to(DEV).eval()
@@ -141,11 +141,11 @@ def test_emb_out_site():
     off = dict(attention=False, group_norm=False, layer_norm=False, geglu=False, silu=False,
                fusions=())
     with torch.no_grad():
-        ref = rb(x, emb)
+        ref, cached = rb(x, emb), rb.emb_layers(emb[:1])
         with kernels.patched(rb, emb_out=cache.get, **off) as h:
             assert_close(rb(x, emb), ref, torch.float32)           # nothing cached: computed
             assert h.counts["emb_out"]["fallbacks"] == 1
-            cache[rb.emb_layers] = emb_out(rb.emb_layers, emb[:1])
+            cache[rb.emb_layers] = cached
             got = rb(x, torch.zeros_like(emb))                     # the cache, not this emb
             assert h.counts["emb_out"]["calls"] == 1
         assert "forward" not in rb.emb_layers.__dict__

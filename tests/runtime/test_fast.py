@@ -174,19 +174,26 @@ def test_precomputed_pieces_equal_recomputed(model, inputs, runner):
 
 def test_resblock_projections_precomputed(model, inputs, runner):
     """EmbOut.table holds every ResBlock's emb_layers of each timestep's embedding (the model's
-    own forward, unpatched); in a generation every ResBlock reads its row from the cache (no
-    fallback), once per step."""
+    own forward, unpatched), made once per schedule; in a generation every ResBlock reads its row
+    from the cache (no fallback), once per step."""
     from kernels._torch_sites import resblock_emb_layers
     hint, ctx_c, ctx_u, x_T = inputs
     r = runner()
     nets = (model.model.diffusion_model, model.control_model)
     layers = [resblock_emb_layers(n) for n in nets]
     ts = [951, 501, 1]
+    cpu = torch.device("cpu")
+    made = []
+
+    def embeddings(t):
+        made.append(t)
+        return r.pre.time_embeddings(t, cpu, torch.float32)
     with torch.no_grad():
-        emb_table = r.pre.time_embeddings(ts, torch.device("cpu"))
-        table, where = r.embo.table(nets, emb_table)
+        table, where = r.embo.table(nets, ts, embeddings, torch.float32, cpu)
+        assert r.embo.table(nets, ts, embeddings, torch.float32, cpu)[0] is table and len(made) == 1
         assert list(where) == layers[0] + layers[1] and len(layers[0]) > 0 and len(layers[1]) > 0
         assert table.shape == (len(ts), sum(c for _, c in where.values()))
+        emb_table = embeddings(ts)
         with r.fp32():
             for j, ms in enumerate(layers):
                 for m in ms:
@@ -198,6 +205,23 @@ def test_resblock_projections_precomputed(model, inputs, runner):
     assert counts["sites"] == len(where) and counts["fallbacks"] == 0
     assert counts["calls"] == len(where) * info["steps"]
     assert r.embo.current is None   # nothing left cached for a call outside the step
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_resblock_projections_stay_in_host_memory(model, runner, monkeypatch, precompute):
+    """With precompute, the ResBlocks' emb_layers keep their fast copies in host memory (the meta
+    device here) and the rest of the UNet and ControlNet is on the device; without it (the step
+    runs them) they are on the device too. close() gives the originals back."""
+    from kernels._torch_sites import resblock_emb_layers
+    from runtime import lowvram
+    monkeypatch.setattr(lowvram, "HOST", torch.device("meta"))
+    r = runner(precompute=precompute)
+    for net in (model.model.diffusion_model, model.control_model):
+        emb = {id(p) for m in resblock_emb_layers(net) for p in m.parameters()}
+        assert emb and all((p.device.type == "meta") == (precompute and id(p) in emb)
+                           for p in net.parameters())
+    r.close()
+    assert all(p.device.type == "cpu" for p in model.parameters())
 
 
 @pytest.mark.parametrize("guess,eta,scale", [(False, 0.0, 9.0), (True, 0.0, 9.0), (False, 0.5, 4.0)])
@@ -262,14 +286,14 @@ def test_generate_is_reproducible_and_matches_reference_process(model, runner):
 
 
 def test_nan_in_eps_triggers_fp32_redo(runner, caplog):
-    """A non-finite value forced into the fast path (its fp32 time-embedding copy, which only fast
+    """A non-finite value forced into the fast path (its fp32 hint-block copy, which only fast
     mode uses) makes the generation run again in fp32 on the reference sampler."""
     r = runner()
     edge = np.zeros((64, 64, 3), np.uint8)
     edge[10:50, 30] = 255
     clean = r.generate(edge, "a", "b", 1, 3, False, 1.0, 9.0, 3, 0.0)
     assert not r.last_info["nonfinite"] and "redone_fp32" not in r.last_info
-    hook = r.pre.time_embed_unet.register_forward_hook(lambda m, a, o: o * float("nan"))
+    hook = r.pre.hint_block.register_forward_hook(lambda m, a, o: o * float("nan"))
     try:
         with caplog.at_level(logging.WARNING, logger="runtime.fast"):
             out = r.generate(edge, "a", "b", 1, 3, False, 1.0, 9.0, 3, 0.0)
@@ -387,7 +411,7 @@ def test_vae_encoder_stays_in_host_memory(model, runner, monkeypatch):
     from runtime import lowvram
     before = {k: v.clone() for k, v in model.first_stage_model.state_dict().items()}
     monkeypatch.setattr(lowvram, "HOST", torch.device("meta"))
-    r = runner(dtype="bf16")
+    r = runner(dtype="bf16", precompute=False)   # with it the emb_layers' host copies are used
     vae = model.first_stage_model
     assert all(p.device.type == "meta" and p.dtype == torch.bfloat16
                for m in (vae.encoder, vae.quant_conv) for p in m.parameters())

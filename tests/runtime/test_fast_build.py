@@ -8,6 +8,7 @@ import torch
 from conftest import TINY_CONFIG
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from runtime.fast import FastOptions
+from kernels._torch_sites import resblock_emb_layers
 from runtime.fast.nets import HOST_BUILT, UNUSED, FastNets, host_children
 from runtime.weights import build_model
 
@@ -55,9 +56,11 @@ def test_fast_copies_made_on_the_device_from_the_host_originals():
         assert all(t.device.type == "cpu" and (t.dtype == torch.float32 or
                                                not t.is_floating_point())
                    for *_, t in nets._host[n])
-        # the fast copies: on the device, but for the parts fast mode never runs (VAE encoder)
-        unused = {id(m) for part in UNUSED.get(n, ()) for m in getattr(net, part).modules()}
-        assert bool(unused) == (n == "vae")
+        # the fast copies: on the device, but for the parts fast mode never runs there (the VAE
+        # encoder; the ResBlocks' emb_layers, which precompute tabulates on the host)
+        parts = [getattr(net, part) for part in UNUSED.get(n, ())] + resblock_emb_layers(net)
+        unused = {id(m) for part in parts for m in part.modules()}
+        assert bool(unused) == (n in ("vae", "unet", "control"))
         for mod in net.modules():
             device = "cpu" if id(mod) in unused else "meta"
             for k, p in mod.named_parameters(recurse=False):

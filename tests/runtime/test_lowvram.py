@@ -335,7 +335,7 @@ def test_fast_mode_under_low_vram_redoes_in_fp32(model, image, save_memory, capl
     pipe = Canny2Image(model, mode="fast", options=FastOptions.for_device("cpu", dtype="bf16"))
     try:
         clean = pipe.process(image, **PARAMS)
-        hook = pipe.fast.pre.time_embed_unet.register_forward_hook(lambda m, a, o: o * float("nan"))
+        hook = pipe.fast.pre.hint_block.register_forward_hook(lambda m, a, o: o * float("nan"))
         try:
             with caplog.at_level(logging.WARNING, logger="runtime.fast"):
                 redone = pipe.process(image, **PARAMS)
