@@ -22,6 +22,9 @@ Rows:
                        error in eps err and PSNR, its weights in the peak
   geglu_gemm           +fusions and the feed-forward projection with GEGLU in one Triton GEMM
                        (fusion geglu_gemm: not a default until this row says so)
+  ff_residual          +fusions and the feed-forward's output GEMM accumulating into s + its bias
+                       (fusion ff_residual: no residual add kernel; not a default yet)
+  both_ff              +fusions with geglu_gemm and ff_residual
   compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
                        in a subprocess with a time limit: "did not compile within N s" is
                        recorded if it runs over
@@ -79,7 +82,9 @@ ABLATION = [
 VARIANTS = {"vae_nchw": ("+fusions", dict(vae_channels_last=False)),
             "clip_fp32": ("+fusions", dict(clip_dtype=torch.float32)),
             "clip_fp16": ("+fusions", dict(clip_dtype=torch.float16)),
-            "geglu_gemm": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("geglu_gemm",)))}
+            "geglu_gemm": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("geglu_gemm",))),
+            "ff_residual": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("ff_residual",))),
+            "both_ff": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("geglu_gemm", "ff_residual")))}
 PROMPT = "a house under the sun"
 
 

@@ -236,7 +236,8 @@ def install(handle, model):
             _fused.patch_spatial_transformer(handle, m)
         elif "add_layer_norm" in fu and en["layer_norm"] and _fused.transformer_block_ok(m) \
                 and "_forward" not in m.__dict__:
-            _fused.patch_transformer_block(handle, m)
+            _fused.patch_transformer_block(
+                handle, m, ff_residual="ff_residual" in fu and _fused.ff_residual_ok(m))
         elif "qkv" in fu and _fused.qkv_ok(m) and _is_self_attention(m, mods) and fresh(m):
             _fused.patch_qkv(handle, m, use_kernel=_attention_kernel(handle, m, True))
             done.add(id(m))

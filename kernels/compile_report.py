@@ -206,11 +206,12 @@ def _vae_channels_last():
 
 
 def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
-           decode_batch=1, on_new=None, geglu_gemm=False) -> list[Launch]:
+           decode_batch=1, on_new=None, opt_in=False) -> list[Launch]:
     """Every distinct launch of one denoising step (each model batch in `batches`), a CLIP forward
     (same batches) and a VAE decode (`decode_batch`), as the launchers would make them on
     `target` (a TARGETS name or a platform.Target) for images of `size` (a side, or (H, W));
-    with `geglu_gemm` also those of that opt-in fusion (the compile gate's, not fast mode's).
+    with `opt_in` also the step's launches with every fusion on, the opt-in ones
+    (patch.OPT_IN_FUSIONS) too: the compile gate's, not the precompile's (fast mode's defaults).
     on_new(launch): called with each distinct launch as soon as it is recorded."""
     import kernels
     model = build_model(channels_last) if model is None else model
@@ -224,33 +225,25 @@ def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
     skips, cats = [], []
     hooks += [b.register_forward_hook(lambda m, i, o: skips.append(o)) for b in unet.input_blocks]
     hooks += [b.register_forward_pre_hook(lambda m, i: cats.append(i[0])) for b in unet.output_blocks]
-    # The opt-in fusion geglu_gemm runs each GEGLU's projection and GEGLU as one kernel: its
-    # launches are made here, at the inputs the GEGLU modules see.
-    geglus = []
-    if geglu_gemm:
-        hooks += [m.register_forward_pre_hook(lambda m, i: geglus.append((m, i[0])))
-                  for m in model.modules() if type(m).__name__ == "GEGLU"]
+    fmt = dict(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    def step_inputs(B):
+        x = torch.empty(B, 4, lat_h, lat_w, dtype=torch.float16, device="meta", **fmt)
+        hint = torch.empty(B, 3, height, width, dtype=torch.float16, device="meta", **fmt)
+        ctx = torch.empty(B, 77, 768, dtype=torch.float16, device="meta")
+        return x, {"c_concat": [hint], "c_crossattn": [ctx]}
+
     with platform.as_target(target) as t, _recording(t, sink, site, on_new), _gpu_conv_layout(), \
             torch.no_grad():
         handle = kernels.patch(model, strict=True)  # a fallback would hide a launch: raise
         try:
             for B in batches:
                 meta = dict(device="meta")
-                fmt = dict(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-                x = torch.empty(B, 4, lat_h, lat_w, dtype=torch.float16, **meta, **fmt)
-                cond = {"c_concat": [torch.empty(B, 3, height, width, dtype=torch.float16, **meta,
-                                                 **fmt)],
-                        "c_crossattn": [torch.empty(B, 77, 768, dtype=torch.float16, **meta)]}
+                x, cond = step_inputs(B)
                 site[0] = f"unet+control B{B}"
                 skips.clear()
                 cats.clear()
                 model.apply_model(x, torch.zeros(B, dtype=torch.long, **meta), cond)
-                if geglus:
-                    from .geglu import geglu_linear
-                    site[0] = f"fusion geglu_gemm B{B}"
-                    for m, inp in geglus:
-                        geglu_linear(inp, m.proj.weight, m.proj.bias)
-                geglus.clear()
                 if "skip_cat" in handle.fusions:
                     from .residual import skip_cat
                     site[0] = f"decoder skip_cat B{B}"
@@ -270,6 +263,13 @@ def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
                 else torch.contiguous_format
             model.decode_first_stage(torch.empty(decode_batch, 4, lat_h, lat_w, dtype=torch.float16,
                                                  device="meta", memory_format=vae_fmt))
+            if opt_in:   # the opt-in fusions act in the UNet and ControlNet only
+                handle.undo()
+                handle = kernels.patch(model, strict=True, fusions=kernels.FUSIONS)
+                for B in batches:
+                    site[0] = f"unet+control, every fusion, B{B}"
+                    x, cond = step_inputs(B)
+                    model.apply_model(x, torch.zeros(B, dtype=torch.long, device="meta"), cond)
         finally:
             handle.undo()
             for h in hooks:
@@ -370,7 +370,7 @@ def report(targets) -> dict:
     model = build_model()
     rows, missing = [], {}
     for name in targets:
-        launches = record(name, model, geglu_gemm=True)
+        launches = record(name, model, opt_in=True)
         missing[name] = uncovered_hotspots(launches)
         rows += [compile_launch(lch, name) for lch in launches]
     return {"triton": version, "torch": torch.__version__, "targets": list(targets),

@@ -59,11 +59,11 @@ TORCH_SITES = ("sdpa", "cross_kv", "emb_out")  # counted like kernels; need no T
 # "skip_cat" has no patch site: fast mode's decoder (runtime/fast/split.py) calls kernels.residual's
 # skip_cat through handle.run when the handle lists it.
 FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias",
-           "skip_cat", "conv_gemm", "geglu_gemm")
+           "skip_cat", "conv_gemm", "geglu_gemm", "ff_residual")
 # conv_gemm is not a default: it halves the 4x4 convolutions' time at 256² but adds two copy
 # kernels per call, and end to end it measured within noise (kernels/_fused.py, H200 2026-12-03).
-# geglu_gemm is not a default until measured on a GPU against cuBLAS + the GEGLU kernel.
-OPT_IN_FUSIONS = ("conv_gemm", "geglu_gemm")
+# geglu_gemm and ff_residual (needs add_layer_norm) are not defaults until measured on a GPU.
+OPT_IN_FUSIONS = ("conv_gemm", "geglu_gemm", "ff_residual")
 DEFAULT_FUSIONS = tuple(f for f in FUSIONS if f not in OPT_IN_FUSIONS)
 ENV_DISABLE = "CONTROLNET_KERNELS_DISABLE"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -111,12 +111,15 @@ def test_group_norm_add_c():
     assert_close(out, ref, torch.float32)
 
 
-def test_layer_norm_residual():
+@pytest.mark.parametrize("sum_bias", [False, True])
+def test_layer_norm_residual(sum_bias):
+    """s = x + r written (+ sum_bias: ff_residual's s + b) and LayerNorm(x + r)."""
     x, r = _rand(2, 9, 48, seed=13), _rand(2, 9, 48, seed=14)
     w, b = _rand(48, seed=15), _rand(48, seed=16)
-    s, y = layer_norm(x, w, b, 1e-5, residual=r)
+    sb = _rand(48, seed=17) if sum_bias else None
+    s, y = layer_norm(x, w, b, 1e-5, residual=r, sum_bias=sb)
     ref_s = x.double() + r.double()
-    assert_close(s, ref_s, torch.float32)
+    assert_close(s, ref_s + (sb.double() if sum_bias else 0), torch.float32)
     assert_close(y, torch.nn.functional.layer_norm(ref_s, (48,), w.double(), b.double(), 1e-5),
                  torch.float32)
 
@@ -197,6 +200,24 @@ def test_transformer_block_fusions(fusion, attn_kernel, monkeypatch):
                                        [_rand(2, 9, 32, seed=24), _rand(2, 5, 24, seed=25)],
                                        fusion, cl=False, ref_dtype=torch.float32)
     assert c["calls"] == 1 and c["sites"] == 1  # attn1 only (attn2 is cross-attention)
+    assert_close(got, want, torch.float32, scale=5.0)
+
+
+def test_ff_residual_transformer_block():
+    """add_layer_norm + ff_residual: the feed-forward's output GEMM accumulates in place into
+    s + its bias (no add kernel), strict, vs the unpatched block in fp32; ff_residual without
+    add_layer_norm installs nothing."""
+    from ldm.modules.attention import BasicTransformerBlock
+    m = _randomize(BasicTransformerBlock(32, 2, 16, context_dim=24)).to(DEV)
+    x, ctx = _rand(2, 9, 32, seed=24), _rand(2, 5, 24, seed=25)
+    with torch.no_grad():
+        want = m(x, ctx)
+        with kernels.patched(m, strict=True, fusions=("add_layer_norm", "ff_residual"),
+                             **OTHERS) as h:
+            got = m(x, ctx)
+        assert h.counts["ff_residual"]["sites"] == 1 and h.counts["ff_residual"]["calls"] == 1
+        with kernels.patched(m, fusions=("ff_residual",), **OTHERS) as h:
+            assert h.counts["ff_residual"]["sites"] == 0
     assert_close(got, want, torch.float32, scale=5.0)
 
 
@@ -341,18 +362,20 @@ def _fast_copy(m, dtype):
 
 
 def _gpu_check(make, inputs, fusion):
+    """`fusion`: a name, or a tuple of names (the last one's calls are checked)."""
+    fusions = fusion if isinstance(fusion, tuple) else (fusion,)
     m = _randomize(make()).to(DEV)
     with torch.no_grad():
         want = m(*[a.to(DEV) for a in inputs])
         args = [a.to(DEV).half() for a in inputs]
         args = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
         outs = []
-        for fu in ((), (fusion,)):
+        for fu in ((), fusions):
             mm = _fast_copy(m, torch.float16)
             with kernels.patched(mm, strict=True, fusions=fu) as h:
                 outs.append(mm(*args))
             if fu:
-                assert h.counts[fusion]["calls"] >= 1
+                assert h.counts[fusions[-1]]["calls"] >= 1
     unfused, fused = outs
     assert_close(fused, want, torch.float16, scale=4.0, torch_result=unfused)
 
@@ -388,7 +411,8 @@ def test_gpu_geglu_gemm(ch, hw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fusion", ["spatial_transformer", "qkv", "add_layer_norm"])
+@pytest.mark.parametrize("fusion", ["spatial_transformer", "qkv", "add_layer_norm",
+                                    ("add_layer_norm", "ff_residual")])
 @pytest.mark.parametrize("ch,hw", GPU_MAPS)
 def test_gpu_spatial_transformer(fusion, ch, hw):
     _gpu_check(lambda: _spatial_transformer(ch, 8), [torch.randn(2, ch, hw, hw), torch.randn(2, 77, 24)],
