@@ -38,17 +38,21 @@ def _geglu_fwd_kernel(
              mask=mask)
 
 
+def _rows(x, n_in, n_out, out):
+    """(x as [M, n_in] rows, the [..., n_out] output (`out` or a new one), it as [M, n_out])."""
+    if out is None:
+        out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    return x.reshape(-1, n_in), out, out.view(-1, n_out)
+
+
 def geglu(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., 2F] → [..., F]."""
     two_f = x.shape[-1]
     if two_f % 2 or x.stride(-1) != 1:
         raise ValueError("geglu: needs an even, contiguous last dim")
     F = two_f // 2
-    x2 = x.reshape(-1, two_f)
+    x2, out, y2 = _rows(x, two_f, F, out)
     M = x2.shape[0]
-    if out is None:
-        out = torch.empty((*x.shape[:-1], F), dtype=x.dtype, device=x.device)
-    y2 = out.view(-1, F)
     cfg = platform.config("elementwise")
     block_f = min(triton.next_power_of_2(F), 1024)
     rows = max(1, cfg["BLOCK"] // block_f)
@@ -127,11 +131,8 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or not bias.is_contiguous():
         raise ValueError("geglu_linear: needs contiguous last dims")
     F = two_f // 2
-    x2 = x.reshape(-1, K)
+    x2, out, y2 = _rows(x, K, F, out)
     M = x2.shape[0]
-    if out is None:
-        out = torch.empty((*x.shape[:-1], F), dtype=x.dtype, device=x.device)
-    y2 = out.view(-1, F)
     cfg = platform.config("geglu_gemm")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (triton.cdiv(M, bm) * triton.cdiv(F, bn),)
