@@ -149,11 +149,15 @@ class EmbOut(Lookup):
 
 
 def _host_fp32(layers, x):
-    """`layers` (SiLU, Linear) on host fp32 `x`, their Linear weights taken to host fp32."""
+    """`layers` (SiLU, Linear) on host fp32 `x`, their Linear weights copied to host fp32. Always
+    copies: a weight that is a view of a memory-mapped .safetensors file (fp32 on the CPU, used as
+    loaded) sits at an unaligned address, where the CPU GEMV sums in another order than for the
+    same values in fresh memory (the images of a checkpoint and of the random weights it holds
+    differed by a pixel)."""
     for layer in layers:
         if isinstance(layer, nn.Linear):
-            b = None if layer.bias is None else layer.bias.to("cpu", torch.float32)
-            x = F.linear(x, layer.weight.to("cpu", torch.float32), b)
+            b = None if layer.bias is None else layer.bias.to("cpu", torch.float32, copy=True)
+            x = F.linear(x, layer.weight.to("cpu", torch.float32, copy=True), b)
         else:
             x = type(layer).forward(layer, x)
     return x
