@@ -2,7 +2,7 @@
 cross-attention (attn2) that reads the per-generation constant K/V of the text from a cache, and
 the ResBlocks' timestep projection (emb_layers) read from a cache of the current step's values.
 
-Both run wherever torch does (CPU too), so `patch` installs them even where the Triton kernels
+All three run wherever torch does (CPU too), so `patch` installs them even where the Triton kernels
 cannot run. SDPA keeps the softmax in fp32 and never materializes the [N, N] logits; the model's
 own CrossAttention cannot run in fp16 without autocast (fp32 logits meet fp16 V).
 """

@@ -46,6 +46,10 @@ PATCHED = ("unet", "control", "vae")   # kernels.patch covers these; CLIP keeps 
 # ~68 MB of fp16 VAE encoder off the device.
 UNUSED = {"vae": ("encoder", "quant_conv")}
 
+# The ControlLDM children fast mode converts: build_model(host_children=HOST_BUILT) creates them
+# in host memory, and FastNets makes each tensor's fast copy on the device from there.
+HOST_BUILT = ("model", "control_model", "first_stage_model")
+
 
 def host_only(name, net, options):
     """Ids of the modules of network `name` whose fast copies stay in host memory: the UNUSED
@@ -55,9 +59,6 @@ def host_only(name, net, options):
     if options.precompute and name in ("unet", "control"):
         parts += resblock_emb_layers(net)
     return {id(m) for part in parts for m in part.modules()}
-# The ControlLDM children fast mode converts: build_model(host_children=HOST_BUILT) creates them
-# in host memory, and FastNets makes each tensor's fast copy on the device from there.
-HOST_BUILT = ("model", "control_model", "first_stage_model")
 
 
 def host_children(mode, device):
