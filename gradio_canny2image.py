@@ -843,9 +843,15 @@ def own_cache_folder():
     return folder
 
 
+# Folders removed at exit (clean_on_exit); a stop that outlasts STOP_GRACE_S removes them itself.
+_CLEANUP = []
+STOP_GRACE_S = 10.0
+
+
 def clean_on_exit(folder):
     """Remove `folder` when the process ends: normally, on Ctrl-C, and on SIGTERM or SIGHUP
     (which would otherwise end Python without any clean-up)."""
+    _CLEANUP.append(folder)
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
     def stop(signum, frame):
@@ -856,11 +862,12 @@ def clean_on_exit(folder):
             signal.signal(getattr(signal, name), stop)
 
 
-def main(argv=None, early=None):
+def main(argv=None, early=None, exiting=False):
     """Start the demo; every start-up error ends in one line and exit status 1. The page is
     served as soon as the flags are checked; the model is built and warmed up behind it
     (Startup), and a failed build stops the demo with its line. `early`: the kernel precompile
-    child spawned before the imports (runtime/early.py)."""
+    child spawned before the imports (runtime/early.py). `exiting`: the process ends when main
+    returns (the script, the installed command), so a stop that hangs is cut short (stop)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = parse_args(argv)
@@ -898,18 +905,22 @@ def main(argv=None, early=None):
             raise SystemExit(f"error: {startup.error}")
         demo.block_thread()                       # until Ctrl-C (or SIGTERM, SIGHUP)
     except KeyboardInterrupt:                     # during the build
-        stop(demo, startup, 130)
+        stop(demo, startup, 130, exiting)
         raise SystemExit(130) from None
     except SystemExit as e:
-        stop(demo, startup, e.code)
+        stop(demo, startup, e.code, exiting)
         raise
-    stop(demo, startup, 0)
+    stop(demo, startup, 0, exiting)
 
 
-def stop(demo, startup, code):
+def stop(demo, startup, code, exiting=False):
     """Close the server. If the start-up thread is still building or warming up, end the process
     now (exit handlers first, so the upload cache goes): torch aborts ("terminate called without
-    an active exception") when the interpreter shuts down under a thread inside it."""
+    an active exception") when the interpreter shuts down under a thread inside it. With
+    `exiting` (the process ends after this), it ends within STOP_GRACE_S whatever hangs
+    (end_anyway)."""
+    if exiting:
+        end_anyway(1 if isinstance(code, str) else (code or 0))
     if demo is not None:
         demo.close(verbose=False)
     if not startup.busy():
@@ -923,5 +934,23 @@ def stop(demo, startup, code):
     os._exit(code or 0)
 
 
+def end_anyway(code, after=None):
+    """A daemon timer: if the process is still there `after` seconds (STOP_GRACE_S) from now (a
+    server that does not close, a thread the interpreter waits for at exit), it removes the
+    folders of clean_on_exit and ends the process with `code`. A stop must never hang."""
+    def cut():
+        log.warning("stopping took over %.0f s: ending the process now", after)
+        for folder in _CLEANUP:
+            shutil.rmtree(folder, ignore_errors=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    after = STOP_GRACE_S if after is None else after
+    timer = threading.Timer(after, cut)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 if __name__ == "__main__":
-    sys.exit(main(early=EARLY))
+    sys.exit(main(early=EARLY, exiting=True))

@@ -238,6 +238,38 @@ def test_a_checkpoint_that_fails_to_load_ends_the_demo_in_one_line(tmp_path):
     assert lines[-1].startswith(f"error: Could not read checkpoint {bad}"), lines
 
 
+def test_a_stop_that_hangs_still_ends_the_process(tmp_path):
+    """stop() of a process that ends after it (the script, the installed command), when closing
+    the server never returns (a stand-in demo): after STOP_GRACE_S the process still ends, with
+    the stop's exit status, and the demo's cache folder is removed."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    folder = tmp_path / "canny2image-demo-x"
+    folder.mkdir()
+    script = "\n".join([
+        "import sys, threading",
+        f"sys.path.insert(0, {REPO!r})",
+        "import gradio_canny2image as app",
+        "app.STOP_GRACE_S = 0.5",
+        f"app.clean_on_exit({str(folder)!r})",
+        "class Demo:",
+        "    def close(self, verbose=True):",
+        "        threading.Event().wait()   # never closes",
+        "class Startup:",
+        "    def busy(self):",
+        "        return False",
+        "app.stop(Demo(), Startup(), 130, exiting=True)",
+        "print('stop returned')",
+    ])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr
+    assert "stopping took over" in proc.stderr and "stop returned" not in proc.stdout
+    assert not folder.exists()
+
+
 @pytest.mark.parametrize("signum, code", [("SIGTERM", 0), ("SIGINT", 130)])
 def test_a_signal_during_the_build_ends_the_demo_cleanly(tmp_path, signum, code):
     """Stopped while the (full-size, CPU) model is still being built behind the served page: the
