@@ -41,7 +41,8 @@ counted; `strict=True` raises instead.
   replaces cuBLAS's GEMM + the GEGLU pass. fp32 on AMD runs the per-op path (no fp32 dot there).
   Not a default fusion until measured against cuBLAS + the GEGLU kernel on the GPU.
 * skip_cat has no site here: fast mode's decoder (runtime/fast/split.py) calls kernels.residual's
-  skip_cat through `handle.run("skip_cat", ...)` when the handle lists it.
+  skip_cat through `handle.run("skip_cat", ...)` when the handle lists it; likewise ddim_update
+  (kernels/ddim.py), the guidance combine and DDIM update of fast mode's step (runtime/fast/step.py).
 Measured on the H200 (benchmarks/results/fusions_h200.md): the six defaults take a 512² step from 1150 to
 849 kernels and the 20-step graph loop from 189 to 163 ms.
 """

@@ -256,6 +256,18 @@ def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
                         n, c, hh, ww = cat.shape
                         h = torch.empty(n, c - skip.shape[1], hh, ww, dtype=cat.dtype, **meta, **fmt)
                         skip_cat(h, skip, torch.empty_like(skip), scales[i:i + 1])
+                if "ddim_update" in handle.fusions:
+                    from .ddim import ddim_update
+                    site[0] = f"step ddim_update B{B}"
+                    # fast mode's step: fp32 latents (NCHW), the model's eps in its layout:
+                    # guided (the halves of one CFG call of 2B rows) and at guidance scale 1
+                    lat = torch.empty(B, 4, lat_h, lat_w, **meta)
+                    eps = torch.empty(2 * B, 4, lat_h, lat_w, dtype=torch.float16, **meta, **fmt)
+                    e_u, e_c = eps.chunk(2)
+                    bad = torch.empty((), dtype=torch.bool, **meta)
+                    for u, g in ((e_u, torch.empty((), **meta)), (None, None)):
+                        ddim_update(lat, e_c, torch.empty(4, **meta), torch.empty_like(lat),
+                                    torch.empty_like(lat), u, g, bad)
                 site[0] = f"clip B{B}"
                 model.cond_stage_model.transformer(input_ids=torch.zeros(B, 77, dtype=torch.long, **meta))
             site[0] = f"vae decode B{decode_batch}"

@@ -56,10 +56,13 @@ KERNELS = ("attention", "group_norm", "layer_norm", "geglu", "silu")
 TORCH_SITES = ("sdpa", "cross_kv", "emb_out")  # counted like kernels; need no Triton
 # Block-level fusions (kernels/_fused.py says what each does). DEFAULT_FUSIONS: those measured
 # faster on the H200 (benchmarks/results/fusions_h200.md); `fusions=None` means these.
-# "skip_cat" has no patch site: fast mode's decoder (runtime/fast/split.py) calls kernels.residual's
-# skip_cat through handle.run when the handle lists it.
+# "skip_cat" and "ddim_update" have no patch site: fast mode's decoder (runtime/fast/split.py)
+# calls kernels.residual's skip_cat, and its step (runtime/fast/step.py) kernels.ddim's
+# ddim_update, through handle.run when the handle lists them. ddim_update (the guidance combine
+# and the DDIM update in one kernel instead of ~24, bit-identical) is a default by construction,
+# not yet measured on a GPU.
 FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias",
-           "skip_cat", "conv_gemm", "geglu_gemm", "ff_residual")
+           "skip_cat", "ddim_update", "conv_gemm", "geglu_gemm", "ff_residual")
 # conv_gemm is not a default: it halves the 4x4 convolutions' time at 256² but adds two copy
 # kernels per call, and end to end it measured within noise (kernels/_fused.py, H200 2026-12-03).
 # geglu_gemm and ff_residual (needs add_layer_norm) are not defaults until measured on a GPU.

@@ -89,11 +89,18 @@ class Step:
         return unet_decoder(self.unet, hm, hs, emb_u, ctx_u, control, key.only_mid,
                             scales=None if fused_cat is None else b["cscales"], skip_cat=fused_cat)
 
-    def skip_cat(self):
-        """kernels' skip_cat (through the patch handle, counted) when the handle has that
-        fusion, else None."""
+    def fusion(self, name):
+        """The patch handle when it has kernels' fusion `name` (counted through handle.run),
+        else None."""
         h = self.nets.handle
-        if h is None or not self.nets.kernels_active or "skip_cat" not in h.fusions:
+        if h is None or not self.nets.kernels_active or name not in h.fusions:
+            return None
+        return h
+
+    def skip_cat(self):
+        """kernels' skip_cat when the handle has that fusion, else None."""
+        h = self.fusion("skip_cat")
+        if h is None:
             return None
         from kernels.residual import skip_cat
         return lambda *a: h.run("skip_cat", None, lambda: skip_cat(*a), lambda: cat_skip(*a))
@@ -103,21 +110,38 @@ class Step:
         if self.options.precompute:   # the ResBlocks read this step's projections (static buffer)
             self.embo.current = e.embo
         try:
-            outs = [self.model_eps(e, name, off).float()
+            outs = [self.model_eps(e, name, off)
                     for name, off in model_calls(key, self.options.batched_cfg)]
         finally:
             self.embo.current = None
-        if not key.cfg:
-            eps = outs[0]
-        else:
+        e_u, e_c, g = None, outs[0], None
+        if key.cfg:
             e_u, e_c = outs[0].chunk(2) if len(outs) == 1 else outs[::-1]
-            eps = e_u + b["gscale"] * (e_c - e_u)
-        x = b["x"]
-        a_t, a_prev, sigma, s1m = (b["sc"][i].view(1, 1, 1, 1) for i in range(4))
-        pred_x0 = (x - s1m * eps) / a_t.sqrt()
-        dir_xt = (1.0 - a_prev - sigma ** 2).sqrt() * eps
-        x_prev = a_prev.sqrt() * pred_x0 + dir_xt + sigma * b["noise"]
-        if self.options.nan_check:
-            torch.logical_or(b["bad"], ~torch.isfinite(eps).all(), out=b["bad"])
-        b["eps"].copy_(eps)
-        x.copy_(x_prev)
+            g = b["gscale"]
+        bad = b["bad"] if self.options.nan_check else None
+        h = self.fusion("ddim_update")
+        if h is None:
+            ddim_eager(b, e_u, e_c, g, bad)
+        else:
+            from kernels.ddim import ddim_update
+            h.run("ddim_update", None,
+                  lambda: ddim_update(b["x"], e_c, b["sc"], b["noise"], b["eps"], e_u, g, bad),
+                  lambda: ddim_eager(b, e_u, e_c, g, bad))
+
+
+def ddim_eager(b, e_u, e_c, gscale, bad):
+    """Guidance (e_u None: none) and the DDIM update in PyTorch fp32 ops on the static buffers `b`
+    (x and eps in place; bad |= non-finite eps unless None): what kernels' ddim_update fuses."""
+    eps = e_c.float()
+    if e_u is not None:
+        u = e_u.float()
+        eps = u + gscale * (eps - u)
+    x = b["x"]
+    a_t, a_prev, sigma, s1m = (b["sc"][i].view(1, 1, 1, 1) for i in range(4))
+    pred_x0 = (x - s1m * eps) / a_t.sqrt()
+    dir_xt = (1.0 - a_prev - sigma ** 2).sqrt() * eps
+    x_prev = a_prev.sqrt() * pred_x0 + dir_xt + sigma * b["noise"]
+    if bad is not None:
+        torch.logical_or(bad, ~torch.isfinite(eps).all(), out=bad)
+    b["eps"].copy_(eps)
+    x.copy_(x_prev)
