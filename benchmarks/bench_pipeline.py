@@ -25,6 +25,8 @@ Rows:
   ff_residual          +fusions and the feed-forward's output GEMM accumulating into s + its bias
                        (fusion ff_residual: no residual add kernel; not a default yet)
   both_ff              +fusions with geglu_gemm and ff_residual
+  no_ddim_update       +fusions without ddim_update (the step's guidance and DDIM update in
+                       eager PyTorch ops, as before it)
   compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
                        in a subprocess with a time limit: "did not compile within N s" is
                        recorded if it runs over
@@ -84,7 +86,9 @@ VARIANTS = {"vae_nchw": ("+fusions", dict(vae_channels_last=False)),
             "clip_fp16": ("+fusions", dict(clip_dtype=torch.float16)),
             "geglu_gemm": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("geglu_gemm",))),
             "ff_residual": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("ff_residual",))),
-            "both_ff": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("geglu_gemm", "ff_residual")))}
+            "both_ff": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("geglu_gemm", "ff_residual"))),
+            "no_ddim_update": ("+fusions", dict(fusions=tuple(f for f in DEFAULT_FUSIONS
+                                                              if f != "ddim_update")))}
 PROMPT = "a house under the sun"
 
 
