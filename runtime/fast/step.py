@@ -5,7 +5,8 @@ Guidance: cond and uncond in one call of batch 2B (rows [uncond; cond]) with `ba
 calls; guess mode runs the ControlNet on the cond rows only and adds zero residuals to the uncond
 rows, which is exactly upstream's uncond call without control; guidance scale 1 runs the cond
 call alone. The guidance combine and the DDIM update run in fp32 on fp32 latents, with the
-reference's float32 per-step scalars.
+reference's float32 per-step scalars: one kernel with kernels' "ddim_update" fusion, else
+PyTorch ops (`ddim_eager`), bit for bit the same.
 """
 from __future__ import annotations
 
