@@ -28,7 +28,11 @@ class FastOptions:
     vae_dtype: object = None            # None: same as dtype
     # The CLIP text encoder (its softmax and LayerNorm statistics run in fp32 either way). It runs
     # once per new prompt (runtime/prompt_cache.py); fp16 halves what it holds on the device.
-    clip_dtype: object = torch.float32
+    # None: fp16 when dtype is fp16, else fp32. Measured on an H100 (72a5f6c, 512², same call,
+    # benchmarks/results/bench_h100_20261207_72a5f6c.md): eps error 1.07e-2 and PSNR 59.0 dB vs
+    # reference with CLIP in fp16 or fp32 alike (the fp16 UNet's error dominates), the same
+    # speed, and the steady peak 3.14 GiB instead of 3.36 (steady_peak.py).
+    clip_dtype: object = None
     kernels: bool = True                # the Triton kernels (kernels.patch) in the networks
     attention: str = "auto"             # CrossAttention: "triton" kernel, "sdpa", or "auto"
     fusions: Optional[tuple] = None     # kernels.patch fusions; None: kernels.DEFAULT_FUSIONS
@@ -56,6 +60,8 @@ class FastOptions:
     def __post_init__(self):
         self.dtype = as_dtype(self.dtype)
         self.vae_dtype = self.dtype if self.vae_dtype is None else as_dtype(self.vae_dtype)
+        if self.clip_dtype is None:
+            self.clip_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
         self.clip_dtype = as_dtype(self.clip_dtype)
         if self.graph_cache_size < 1:
             raise ValueError("graph_cache_size must be >= 1")

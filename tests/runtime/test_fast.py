@@ -374,6 +374,17 @@ def test_one_copy_of_each_network_in_the_fast_dtype(model, inputs, runner):
     assert r.kernel_handle.active
 
 
+def test_clip_dtype_follows_an_fp16_dtype_by_default():
+    """CLIP in fp16 by default only with fp16 networks (measured there: eps error and PSNR as
+    with fp32 CLIP); bf16 or fp32 networks keep it in fp32; an explicit choice stands."""
+    assert FastOptions().clip_dtype == torch.float16
+    assert FastOptions(dtype="bf16").clip_dtype == torch.float32
+    assert FastOptions(dtype="fp32").clip_dtype == torch.float32
+    assert FastOptions(clip_dtype="fp32").clip_dtype == torch.float32
+    assert FastOptions(dtype="bf16", clip_dtype="fp16").clip_dtype == torch.float16
+    assert FastOptions.for_device("cpu").clip_dtype == torch.float32
+
+
 def test_clip_in_fp16_close_to_fp32_and_unpatched(model, runner):
     """FastOptions.clip_dtype: CLIP's tensors converted in place (LayerNorms too: their statistics
     are fp32 in the model code, as is the softmax), its forwards untouched, its context within

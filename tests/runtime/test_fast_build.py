@@ -16,8 +16,10 @@ NET_OF = {"unet": "model", "control": "control_model", "vae": "first_stage_model
 
 
 def options():
-    return FastOptions(dtype=torch.float16, kernels=False, channels_last=True, cuda_graph=False,
-                       two_streams=False)
+    # CLIP in fp32: it stays where it was built (here the meta device, which has no values to
+    # copy); its conversion (fp16, the default with an fp16 dtype) is tested in test_fast.py
+    return FastOptions(dtype=torch.float16, clip_dtype=torch.float32, kernels=False,
+                       channels_last=True, cuda_graph=False, two_streams=False)
 
 
 def test_host_children_only_for_fast_mode_on_an_accelerator():
@@ -47,7 +49,7 @@ def test_fast_copies_made_on_the_device_from_the_host_originals():
     built = {n: {id(mod): {k: t.data_ptr() for k, t in mod.named_parameters(recurse=False)}
                  for mod in getattr(model, NET_OF[n]).modules()} for n in NET_OF}
     nets = FastNets(model, options(), cross_kv=None)
-    assert "clip" not in nets._host          # fp32 (the default) where it was: not converted
+    assert "clip" not in nets._host          # fp32 where it was: not converted
     for n in NET_OF:
         net = nets.nets[n]
         # the originals are build_model's host tensors themselves (no copy)
