@@ -115,7 +115,7 @@ class PatchHandle:
         counted = KERNELS + tuple(k for k in TORCH_SITES if enabled.get(k)) + self.fusions
         self.counts = {k: {"sites": 0, "calls": 0, "fallbacks": 0, "reasons": {}} for k in counted}
         self.counts["attention"]["sdpa"] = 0
-        for name in ("conv1x1_bias", "conv_gemm"):
+        for name in ("conv1x1_bias", "conv_gemm", "geglu_gemm"):
             if name in self.counts:
                 self.counts[name]["unfused"] = 0  # inputs it is not for (NCHW, large maps)
         self._qkv_cache = {}  # fusion "qkv": module -> (weights' key, concatenated weight)

@@ -251,9 +251,14 @@ _CUDA = {
     # im2col copies): not in kernels.DEFAULT_FUSIONS.
     "conv_gemm": dict(MAX_HW=16),
     # fusion geglu_gemm (kernels/geglu.py): the feed-forward projection with GEGLU in its
-    # epilogue; two fp32 accumulators (value, gate) per [BLOCK_M, BLOCK_N] output tile. Not tuned
-    # yet: the usual Hopper fp16 GEMM tile, to be swept against cuBLAS + the GEGLU pass.
-    "geglu_gemm": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    # epilogue; two fp32 accumulators (value, gate) per [BLOCK_M, BLOCK_N] output tile. H100
+    # (72a5f6c, benchmarks/results/kernels_h100_20261207_geglu_gemm.md, 8-tile sweep, this tile
+    # best at 3 of 4 shapes) against cuBLAS + the GEGLU kernel: [8192,320]x[2560,320] 0.048 vs
+    # 0.061 ms (1.27x); [2048,640] 0.99x, [512,1280] 0.77x, [128,1280] 0.93x (cuBLAS's GEMM
+    # outruns this one where the projection is wide): only projections of MAX_K input features or
+    # fewer take it (the 320-channel level), the others the GEMM + GEGLU kernel.
+    "geglu_gemm": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
+                       MAX_K=320),
 }
 
 # RDNA3 (gfx11: W7900 = gfx1100, wave32, 96 CUs / 48 WGPs, 64 KB LDS per workgroup, 1536 VGPRs
@@ -281,8 +286,10 @@ _HIP = {
     "residual": dict(BLOCK=2048, num_warps=4),  # 4 waves of 32 lanes: 16 elements a lane
     # MIOpen vs rocBLAS at small maps is not measured: no map takes the GEMM path on AMD
     "conv_gemm": dict(MAX_HW=0),
-    # two 64x64 fp32 accumulators over 4 waves of 32 lanes: 64 VGPRs of accumulators a lane
-    "geglu_gemm": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1),
+    # two 64x64 fp32 accumulators over 4 waves of 32 lanes: 64 VGPRs of accumulators a lane;
+    # against rocBLAS + the GEGLU kernel not measured: the CUDA rule (MAX_K) as a first guess
+    "geglu_gemm": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1,
+                       MAX_K=320),
 }
 
 # CDNA (gfx9: MI300X = gfx942, wave64, 304 CUs, 64 KB LDS, 512 unified VGPR/AGPRs per lane, MFMA).
@@ -318,7 +325,8 @@ _INTERP = {
     "elementwise": dict(BLOCK=4096, num_warps=4),
     "residual": dict(BLOCK=4096, num_warps=4),
     "conv_gemm": dict(MAX_HW=16),  # the CUDA rule, so CPU tests take the GEMM path
-    "geglu_gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
+    "geglu_gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1,
+                       MAX_K=320),
 }
 
 

@@ -352,6 +352,24 @@ def test_geglu_gemm_feed_forward():
     assert_close(strided, want, torch.float32, scale=5.0)
 
 
+def test_geglu_gemm_leaves_wide_projections_to_the_gemm_and_geglu_kernel(monkeypatch):
+    """Above platform's geglu_gemm MAX_K input features the projection runs as F.linear + the
+    GEGLU kernel (counted as unfused, and as a geglu call), strict: no fallback."""
+    from ldm.modules.attention import FeedForward
+    m = _randomize(FeedForward(24, mult=2, glu=True)).to(DEV)
+    x = _rand(2, 9, 24, seed=44)
+    table = platform._table()["geglu_gemm"]
+    monkeypatch.setitem(table, "MAX_K", 16)
+    with torch.no_grad():
+        want = copy.deepcopy(m).double()(x.double())
+        with kernels.patched(m, strict=True, fusions=("geglu_gemm",), **OTHERS) as h:
+            got = m(x)
+    c = h.counts
+    assert c["geglu_gemm"]["calls"] == 0 and c["geglu_gemm"]["unfused"] == 1
+    assert c["geglu"]["calls"] == 1 and c["geglu_gemm"]["fallbacks"] == c["geglu"]["fallbacks"] == 0
+    assert_close(got, want, torch.float32, scale=5.0)
+
+
 def _fast_copy(m, dtype):
     from ldm.modules.diffusionmodules.util import GroupNorm32
     m = copy.deepcopy(m).to(dtype)
