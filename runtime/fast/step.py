@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ldm.modules.diffusionmodules.util import timestep_embedding
+from runtime.fast.graphs import stream
 from runtime.fast.split import cat_skip, control_forward, unet_decoder, unet_encoder
 
 
@@ -36,7 +37,7 @@ class Step:
     def __init__(self, nets, precompute, cross_kv, emb_out, options, device):
         self.nets, self.unet, self.control = nets, nets.unet, nets.control
         self.pre, self.kv, self.embo, self.options = precompute, cross_kv, emb_out, options
-        self.side = (torch.cuda.Stream(device=device)
+        self.side = (stream(device, "side")
                      if options.two_streams and device.type == "cuda" else None)
 
     def model_eps(self, e, name, control_off):

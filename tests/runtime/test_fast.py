@@ -510,6 +510,40 @@ def test_graph_replay_equals_eager(gpu_model, guess):
     torch.testing.assert_close(z_g2, z_g, rtol=0, atol=0)
 
 
+def test_one_stream_per_device_and_role(monkeypatch):
+    """graphs.stream makes each (device, role) stream once: a new CUDA stream would get a cuBLAS
+    workspace of its own, held for the life of the process."""
+    from runtime.fast import graphs
+    made = []
+    monkeypatch.setattr(graphs, "_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or object())
+    side = graphs.stream("cuda:0", "side")
+    assert graphs.stream(torch.device("cuda", 0), "side") is side
+    assert graphs.stream("cuda:0", "capture") is not side
+    assert graphs.stream("cuda:1", "side") is not side
+    assert made == [torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+def test_pipelines_made_and_closed_in_turn_hold_no_more_memory(gpu_model):
+    """Three fast runners, one after the other, each capturing two graph shapes: after each is
+    closed the process holds what it held after the first (each used to leave the cuBLAS
+    workspaces of its new streams behind)."""
+    held = []
+    for _ in range(3):
+        r = FastRunner(gpu_model, FastOptions())
+        try:
+            for batch in (2, 1):
+                _, info = r.sample(*gpu_inputs(gpu_model, batch), 2)
+                assert info["graph"], info["capture_error"]
+        finally:
+            r.close()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        held.append(torch.cuda.memory_allocated())
+    assert held[2] <= held[0] + 2**20 and held[1] <= held[0] + 2**20, held
+
+
 @pytest.mark.gpu
 def test_graph_replay_after_the_hint_batch_changes(gpu_model):
     """Captured with a hint of batch 1, replayed with a hint of batch B whose rows differ (the
