@@ -259,7 +259,7 @@ def test_tiny_model_patched_matches(tiny_model):
     c = h.counts
     # every kernel family and fusion ran (the 1x1 convs see NCHW maps here: counted, not fused;
     # skip_cat and ddim_update are called by fast mode's decoder and step only:
-    # tests/kernels/test_fusions.py, tests/kernels/test_ddim.py)
+    # tests/kernels/test_fusions.py, tests/kernels/test_ddim_update.py)
     assert all(c[k]["calls"] > 0 for k in c
                if k not in ("conv1x1_bias", "skip_cat", "ddim_update")), c
     assert c["conv1x1_bias"]["unfused"] > 0
