@@ -255,7 +255,7 @@ def geglu_gemm_rows(ceil):
                 row["cublas_gemm_ms"] = bench(lambda: F.linear(x, w, b))[0]
                 want = geglu(F.linear(x, w, b)).float()
                 for i, cfg in enumerate(GEGLU_GEMM_SWEEP):
-                    table["geglu_gemm"] = cfg
+                    table["geglu_gemm"] = dict(saved, **cfg)
                     key = "cfg{}_{BLOCK_M}x{BLOCK_N}x{BLOCK_K}_w{num_warps}_s{num_stages}".format(i, **cfg)
                     try:
                         ms = bench(lambda: geglu_linear(x, w, b))[0]

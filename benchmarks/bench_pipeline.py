@@ -20,11 +20,10 @@ Rows:
   clip_fp32, clip_fp16 +fusions with CLIP in that dtype (FastOptions.clip_dtype); the prompt
                        cache runs CLIP once per row, so its time shows in the first warm-up, its
                        error in eps err and PSNR, its weights in the peak
-  geglu_gemm           +fusions and the feed-forward projection with GEGLU in one Triton GEMM
-                       (fusion geglu_gemm: not a default until this row says so)
+  no_geglu_gemm        +fusions without geglu_gemm (the feed-forward projection with GEGLU in
+                       one Triton GEMM, a default since 5940542: the A/B)
   ff_residual          +fusions and the feed-forward's output GEMM accumulating into s + its bias
-                       (fusion ff_residual: no residual add kernel; not a default yet)
-  both_ff              +fusions with geglu_gemm and ff_residual
+                       (fusion ff_residual: no residual add kernel; not a default)
   no_ddim_update       +fusions without ddim_update (the step's guidance and DDIM update in
                        eager PyTorch ops, as before it)
   compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
@@ -84,9 +83,9 @@ ABLATION = [
 VARIANTS = {"vae_nchw": ("+fusions", dict(vae_channels_last=False)),
             "clip_fp32": ("+fusions", dict(clip_dtype=torch.float32)),
             "clip_fp16": ("+fusions", dict(clip_dtype=torch.float16)),
-            "geglu_gemm": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("geglu_gemm",))),
+            "no_geglu_gemm": ("+fusions", dict(fusions=tuple(f for f in DEFAULT_FUSIONS
+                                                             if f != "geglu_gemm"))),
             "ff_residual": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("ff_residual",))),
-            "both_ff": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("geglu_gemm", "ff_residual"))),
             "no_ddim_update": ("+fusions", dict(fusions=tuple(f for f in DEFAULT_FUSIONS
                                                               if f != "ddim_update")))}
 PROMPT = "a house under the sun"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU session of checks and measurements, as run on the device machine (H200) for the README:
 #   1. the GPU tests (tests marked `gpu`: kernels at every real shape, fast mode graph == eager, ...)
-#   2. bench_pipeline.py: reference, fast mode without fusions, full, and the opt-in switches
-#      (conv_gemm, CLIP in fp16, geglu_gemm, ff_residual, both), side by side with the previous
-#      commit's fast mode (PREV_TREE: an exported tree of that commit)
-#   3. (SKIP_EXTRA=1 skips) kernels per step, the steady peak with CLIP in fp16, and fusion
-#      geglu_gemm's kernel against cuBLAS + the GEGLU kernel with its tile sweep
+#   2. bench_pipeline.py: reference, fast mode without fusions, full, the opt-in switches
+#      (conv_gemm, ff_residual) and defaults switched off one at a time (CLIP in fp32, without
+#      geglu_gemm, without the fused DDIM update), side by side with the previous commit's fast
+#      mode (PREV_TREE: an exported tree of that commit)
+#   3. (SKIP_EXTRA=1 skips) kernels per step, the steady peak, and fusion geglu_gemm's kernel
+#      against cuBLAS + the GEGLU kernel with its tile sweep
 # Usage: OUT=results_dir PREV_TREE=path PREV_COMMIT=sha bash benchmarks/gpu_session.sh
 # Wheels the GPU machine lacks (omegaconf, open_clip_torch, ftfy, wcwidth) are installed from
 # ./.whl when that folder exists.
@@ -24,8 +25,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 python3 benchmarks/bench_pipeline.py --sizes 512 256 --batches 1 4 --repeats 5 --ref-repeats 2 \
-  --warmup 1 --rows reference +cuda_graph +fusions +conv_gemm clip_fp16 geglu_gemm ff_residual \
-  both_ff --out "$OUT" --tag "${TAG:-h200}" \
+  --warmup 1 --rows reference +cuda_graph +fusions +conv_gemm clip_fp32 no_geglu_gemm ff_residual \
+  no_ddim_update --out "$OUT" --tag "${TAG:-h200}" \
   2>&1 | tee "$OUT/bench.log" | grep -v " INFO " | tail -20
 if [ -n "${PREV_TREE:-}" ]; then
   (cd "$PREV_TREE" && GIT_COMMIT=${PREV_COMMIT:-prev} python3 benchmarks/bench_pipeline.py \
@@ -35,6 +36,6 @@ fi
 if [ "${SKIP_EXTRA:-0}" != 1 ]; then
   python3 benchmarks/profile_step.py --sizes 512 256 --out "$OUT" --tag "${TAG:-h200}" \
     2>&1 | tee "$OUT/profile.log" | tail -6
-  python3 benchmarks/steady_peak.py --clip-dtype fp16 2>&1 | tee "$OUT/steady_peak.log" | tail -12
+  python3 benchmarks/steady_peak.py 2>&1 | tee "$OUT/steady_peak.log" | tail -12
   python3 benchmarks/bench_kernels.py --only geglu_gemm --out "$OUT" 2>&1 | tail -8
 fi

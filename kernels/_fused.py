@@ -39,12 +39,14 @@ counted; `strict=True` raises instead.
   adds the bias, splits value and gate and applies the GELU (kernels/geglu.py geglu_linear): the
   [.., 2F] projection (2x the GEGLU output) is never written nor read back, and one kernel
   replaces cuBLAS's GEMM + the GEGLU pass. fp32 on AMD runs the per-op path (no fp32 dot there).
-  Not a default fusion until measured against cuBLAS + the GEGLU kernel on the GPU.
+  Only projections of at most platform's MAX_K input features take it (H100: 1.27x cuBLAS + the
+  GEGLU kernel at K=320, 0.77-0.99x at 640 and 1280; MAX_K=0 on AMD, not measured there); the
+  others run F.linear + the GEGLU kernel (counted as unfused). A default fusion.
 * skip_cat has no site here: fast mode's decoder (runtime/fast/split.py) calls kernels.residual's
   skip_cat through `handle.run("skip_cat", ...)` when the handle lists it; likewise ddim_update
   (kernels/ddim.py), the guidance combine and DDIM update of fast mode's step (runtime/fast/step.py).
-Measured on the H200 (benchmarks/results/fusions_h200.md): the six defaults take a 512² step from 1150 to
-849 kernels and the 20-step graph loop from 189 to 163 ms.
+Measured on the H200 (benchmarks/results/fusions_h200.md): the first six defaults take a 512² step
+from 1150 to 849 kernels and the 20-step graph loop from 189 to 163 ms.
 """
 
 from __future__ import annotations

@@ -278,10 +278,17 @@ def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
             if opt_in:   # the opt-in fusions act in the UNet and ControlNet only
                 handle.undo()
                 handle = kernels.patch(model, strict=True, fusions=kernels.FUSIONS)
-                for B in batches:
-                    site[0] = f"unet+control, every fusion, B{B}"
-                    x, cond = step_inputs(B)
-                    model.apply_model(x, torch.zeros(B, dtype=torch.long, device="meta"), cond)
+                # geglu_gemm on every projection, whatever the target's MAX_K (0 on AMD, where
+                # it is not measured): every launch a user can switch on gets compiled
+                geglu = platform._table()["geglu_gemm"]
+                max_k, geglu["MAX_K"] = geglu["MAX_K"], 1 << 30
+                try:
+                    for B in batches:
+                        site[0] = f"unet+control, every fusion, B{B}"
+                        x, cond = step_inputs(B)
+                        model.apply_model(x, torch.zeros(B, dtype=torch.long, device="meta"), cond)
+                finally:
+                    geglu["MAX_K"] = max_k
         finally:
             handle.undo()
             for h in hooks:

@@ -55,18 +55,23 @@ logger = logging.getLogger(__name__)
 KERNELS = ("attention", "group_norm", "layer_norm", "geglu", "silu")
 TORCH_SITES = ("sdpa", "cross_kv", "emb_out")  # counted like kernels; need no Triton
 # Block-level fusions (kernels/_fused.py says what each does). DEFAULT_FUSIONS: those measured
-# faster on the H200 (benchmarks/results/fusions_h200.md); `fusions=None` means these.
+# faster on the H200 / H100 (benchmarks/results/fusions_h200.md, bench_h100_20261207_*.md);
+# `fusions=None` means these.
 # "skip_cat" and "ddim_update" have no patch site: fast mode's decoder (runtime/fast/split.py)
 # calls kernels.residual's skip_cat, and its step (runtime/fast/step.py) kernels.ddim's
 # ddim_update, through handle.run when the handle lists them. ddim_update (the guidance combine
-# and the DDIM update in one kernel instead of ~24, bit-identical) is a default by construction,
-# not yet measured on a GPU.
+# and the DDIM update in one kernel instead of ~24, bit-identical): H100 176.2 vs 178.2 ms a 512²
+# image without it (bench_h100_20261207_72a5f6c.md).
 FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1_bias",
            "skip_cat", "ddim_update", "conv_gemm", "geglu_gemm", "ff_residual")
 # conv_gemm is not a default: it halves the 4x4 convolutions' time at 256² but adds two copy
 # kernels per call, and end to end it measured within noise (kernels/_fused.py, H200 2026-12-03).
-# geglu_gemm and ff_residual (needs add_layer_norm) are not defaults until measured on a GPU.
-OPT_IN_FUSIONS = ("conv_gemm", "geglu_gemm", "ff_residual")
+# geglu_gemm is a default since the H100 measured it 1.27x cuBLAS + the GEGLU kernel at the
+# projections it takes (platform's MAX_K; none on AMD, not measured there) and no slower end to
+# end (benchmarks/results/bench_h100_20261207_5940542.md). ff_residual (needs add_layer_norm) is
+# not: alone it measured no faster, with geglu_gemm 1-3 ms faster a 512² image in two runs, and
+# it is not bit-identical.
+OPT_IN_FUSIONS = ("conv_gemm", "ff_residual")
 DEFAULT_FUSIONS = tuple(f for f in FUSIONS if f not in OPT_IN_FUSIONS)
 ENV_DISABLE = "CONTROLNET_KERNELS_DISABLE"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
