@@ -302,10 +302,10 @@ def patch_geglu_gemm(handle, m):
         r = _tensor_reason(x)
         if r is None and x.stride(-1) != 1:
             r = "layout"
-        if r is None and x.dtype == torch.float32 and not platform.fp32_dot_ok():
-            r = "fp32 on this platform"
-        if r is None and x.shape[-1] > platform.config("geglu_gemm")["MAX_K"]:
-            # a wide projection: cuBLAS's GEMM + the GEGLU kernel measured faster
+        if r is None and (x.shape[-1] > platform.config("geglu_gemm")["MAX_K"] or
+                          (x.dtype == torch.float32 and not platform.fp32_dot_ok())):
+            # a wide projection (cuBLAS's GEMM + the GEGLU kernel measured faster), or fp32
+            # where Triton has no fp32 dot: the GEMM, then the GEGLU kernel
             handle.counts["geglu_gemm"]["unfused"] += 1
             return handle.run("geglu", None, lambda: geglu(self.proj(x).contiguous()),
                               lambda: orig(x))

@@ -352,14 +352,18 @@ def test_geglu_gemm_feed_forward():
     assert_close(strided, want, torch.float32, scale=5.0)
 
 
-def test_geglu_gemm_leaves_wide_projections_to_the_gemm_and_geglu_kernel(monkeypatch):
-    """Above platform's geglu_gemm MAX_K input features the projection runs as F.linear + the
-    GEGLU kernel (counted as unfused, and as a geglu call), strict: no fallback."""
+@pytest.mark.parametrize("why", ["wide", "no fp32 dot"])
+def test_geglu_gemm_leaves_wide_projections_to_the_gemm_and_geglu_kernel(monkeypatch, why):
+    """Above platform's geglu_gemm MAX_K input features, or in fp32 where Triton has no fp32 dot
+    (AMD), the projection runs as F.linear + the GEGLU kernel (counted as unfused, and as a geglu
+    call), strict: no fallback."""
     from ldm.modules.attention import FeedForward
     m = _randomize(FeedForward(24, mult=2, glu=True)).to(DEV)
     x = _rand(2, 9, 24, seed=44)
-    table = platform._table()["geglu_gemm"]
-    monkeypatch.setitem(table, "MAX_K", 16)
+    if why == "wide":
+        monkeypatch.setitem(platform._table()["geglu_gemm"], "MAX_K", 16)
+    else:
+        monkeypatch.setattr(platform, "fp32_dot_ok", lambda: False)
     with torch.no_grad():
         want = copy.deepcopy(m).double()(x.double())
         with kernels.patched(m, strict=True, fusions=("geglu_gemm",), **OTHERS) as h:
