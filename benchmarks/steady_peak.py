@@ -2,9 +2,11 @@
 
 One fast pipeline (random weights) serves two requests, then a third under torch's memory
 history; the history is replayed to find the moment of the most memory allocated, and what was
-live then is grouped by its first stack frames outside torch. Needs a GPU.
+live then is grouped by its first stack frames outside torch. With --from-start the history is
+recorded from before the build, so what the pipeline holds between requests (weights, graph
+pools, buffers) is grouped too. Needs a GPU.
 
-    python benchmarks/steady_peak.py [--clip-dtype fp16]
+    python benchmarks/steady_peak.py [--clip-dtype fp16] [--low-vram] [--from-start]
 """
 import argparse
 import collections
@@ -14,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from runtime import app  # noqa: E402
+from runtime import app, lowvram  # noqa: E402
 from runtime.fast import FastOptions  # noqa: E402
 from runtime.sample import sample_image  # noqa: E402
 
@@ -27,8 +29,14 @@ def where(ev):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clip-dtype", default=None, help="FastOptions.clip_dtype (default: its default)")
+    ap.add_argument("--low-vram", action="store_true", help="low-VRAM mode (--low-vram)")
+    ap.add_argument("--from-start", action="store_true",
+                    help="record the history from before the build: group the held memory too")
     args = ap.parse_args()
     device = torch.device("cuda")
+    lowvram.configure(args.low_vram)
+    if args.from_start:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     options = FastOptions() if args.clip_dtype is None else FastOptions(clip_dtype=args.clip_dtype)
     pipe = app.build_pipeline(device, mode="fast", random_weights=True, options=options)
     kw = dict(prompt="a house", a_prompt="best quality", n_prompt="lowres", num_samples=1,
@@ -40,29 +48,36 @@ def main():
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=200000)
+    if args.from_start:   # events before this index happened before the measured request
+        start = len(torch.cuda.memory._snapshot()["device_traces"][0])
+    else:
+        start = 0
+        torch.cuda.memory._record_memory_history(max_entries=200000)
     pipe.process(img, **kw)
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     peak = torch.cuda.max_memory_allocated()
-    print(f"held before {held/2**30:.3f} GiB, steady peak {peak/2**30:.3f} GiB")
-    # replay: live allocations over time (from the held baseline, which predates the recording)
+    print(f"held before {held/2**30:.3f} GiB, steady peak {peak/2**30:.3f} GiB"
+          f"{' (low-VRAM mode)' if args.low_vram else ''}")
+    # replay: live allocations over time (without --from-start: on top of the held baseline,
+    # which predates the recording); the peak is looked for in the measured request only
     live, total, best, best_live = {}, 0, -1, None
-    for ev in snap["device_traces"][0]:
+    for i, ev in enumerate(snap["device_traces"][0]):
         a = ev["action"]
         if a == "alloc":
             live[ev["addr"]] = ev; total += ev["size"]
         elif a == "free_completed" and ev["addr"] in live:
             total -= live.pop(ev["addr"])["size"]
-        if total > best:
+        if i >= start and total > best:
             best, best_live = total, dict(live)
-    print(f"recorded allocations live at the peak: {best/2**30:.3f} GiB (on top of what was held)")
+    print(f"recorded allocations live at the peak: {best/2**30:.3f} GiB"
+          f"{'' if args.from_start else ' (on top of what was held)'}")
 
     groups = collections.Counter()
     for ev in best_live.values():
         groups[where(ev)] += ev["size"]
-    for w, size in groups.most_common(15):
+    for w, size in groups.most_common(25 if args.from_start else 15):
         print(f"{size/2**20:9.1f} MiB  {w}")
     print(torch.cuda.memory_summary(abbreviated=True).splitlines()[0])
     print("segments:", sum(s["total_size"] for s in snap["segments"]) / 2**30, "GiB reserved")

@@ -146,13 +146,37 @@ def patch_spatial_transformer(handle, st):
 
 # -- self-attention: one GEMM for q, k, v --------------------------------------------------------
 def _qkv_weight(handle, m):
+    """[3·H·d, D]: to_q, to_k and to_v's weights one above the other. Weights that already lie
+    so in memory (fast mode's flat layout, runtime/fast/flat.py) give a view of them; others a
+    concatenated copy, cached per module and rebuilt when a weight changes."""
     ws = (m.to_q.weight, m.to_k.weight, m.to_v.weight)
+    view = _adjacent_rows(ws)
+    if view is not None:
+        return view
     key = tuple((w.data_ptr(), w._version) for w in ws) + (ws[0].dtype, ws[0].device)
     hit = handle._qkv_cache.get(m)
     if hit is None or hit[0] != key:
         hit = (key, torch.cat(ws, 0))
         handle._qkv_cache[m] = hit
     return hit[1]
+
+
+def _adjacent_rows(ws):
+    """The [sum of rows, cols] view that torch.cat(ws, 0) would copy, when the contiguous 2-D
+    tensors `ws` lie one after another in one storage; else None."""
+    w0 = ws[0]
+    if not all(w.dim() == 2 and w.is_contiguous() and w.dtype == w0.dtype
+               and w.shape[1] == w0.shape[1] and w.device == w0.device
+               and w.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr()
+               for w in ws):
+        return None
+    end = w0.data_ptr()
+    for w in ws:
+        if w.data_ptr() != end:
+            return None
+        end += w.numel() * w.element_size()
+    rows = sum(w.shape[0] for w in ws)
+    return w0.as_strided((rows, w0.shape[1]), (w0.shape[1], 1))
 
 
 def qkv_ok(m):

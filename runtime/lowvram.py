@@ -9,15 +9,19 @@ Upstream's save_memory does two things, and so does this:
 Reference mode calls `shift()` at those three points; it does nothing unless save_memory is on.
 
 Fast mode keeps CUDA/HIP graphs of its diffusion step, and a replayed graph reads its weights at
-the addresses it was captured with: the fast UNet and ControlNet must never move. Fast mode
-therefore does not call low_vram_shift: it converts the UNet and ControlNet to fp16 in host memory
-(where build_model left them), puts them on the device for the runner's whole life, and brings
-only CLIP and the VAE (in their fast dtypes) onto the device for their phase (runtime/fast/nets.py,
-pipeline.py), with `resident(module, device)`:
+the addresses it was captured with. Fast mode therefore does not call low_vram_shift: it converts
+the UNet and ControlNet to fp16 in host memory (where build_model left them) and puts the UNet on
+the device for the runner's whole life; the ControlNet's fp16 weights (one allocation,
+runtime/fast/flat.py) are on the device from the start of each sampling to its end and parked in
+host memory meanwhile, and come back at their old address (else the graphs are captured again);
+CLIP and the VAE (in their fast dtypes) come onto the device for their phase only
+(runtime/fast/nets.py, pipeline.py), with `resident(module, device)`:
 
     with lowvram.resident(clip, device):          # only on a prompt-cache miss
         context = clip(tokens)
-    ...                                           # graphs replay: UNet/ControlNet never moved
+    nets.unpark()                                 # the ControlNet back (FastRunner.sample)
+    ...                                           # graphs replay
+    nets.park()                                   # its memory for the decode (and next CLIP)
     with lowvram.resident((vae.post_quant_conv, vae.decoder), device):   # not its encoder
         images = vae.decode(latents)
 

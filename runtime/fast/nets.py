@@ -17,9 +17,11 @@ and reference-mode work on it (the fp32 redo, reference mode on the same object)
 kernel patch off, so it runs upstream's numerics exactly. The fast tensors stay allocated while
 it runs, so captured graphs stay valid; `close()` puts the original weights back for good.
 
-Low-VRAM mode (runtime/lowvram.py): the fast UNet and ControlNet stay on the device for the
-runner's life; CLIP and the VAE live in host memory between their phases, in their fast dtypes
-(lowvram.resident brings them in). `fp32()` brings the originals it needs to the device as
+The fast UNet and ControlNet on the device are views of one allocation each (FLAT,
+runtime/fast/flat.py). Low-VRAM mode (runtime/lowvram.py): the fast UNet stays on the device for
+the runner's life, the ControlNet from the start of a sampling to its end (park/unpark); CLIP and
+the VAE live in host memory between their phases, in their fast dtypes (lowvram.resident brings
+them in). `fp32()` brings the originals it needs to the device as
 without low-VRAM (the fp32 redo then holds the fp16 and fp32 networks at once: a rare path, over
 the low-VRAM budget while it runs).
 """
@@ -36,6 +38,7 @@ from kernels._torch_sites import resblock_emb_layers
 from kernels.patch import KERNELS
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from runtime import lowvram
+from runtime.fast.flat import FlatWeights
 from runtime.fast.options import resolve_attention
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,12 @@ PATCHED = ("unet", "control", "vae")   # kernels.patch covers these; CLIP keeps 
 # Parts fast mode never runs (canny2image only decodes): their fast copies stay in host memory,
 # ~68 MB of fp16 VAE encoder off the device.
 UNUSED = {"vae": ("encoder", "quant_conv")}
+
+# Networks whose fast copies on the device are views of one allocation (runtime/fast/flat.py), and
+# those of them that low-VRAM mode parks in host memory between samplings: the ControlNet's
+# ~0.67 GiB of fp16 makes room for the VAE decode and CLIP without moving the UNet.
+FLAT = ("unet", "control")
+PARKED = ("control",)
 
 # The ControlLDM children fast mode converts: build_model(host_children=HOST_BUILT) creates them
 # in host memory, and FastNets makes each tensor's fast copy on the device from there.
@@ -132,6 +141,7 @@ class FastNets:
         self._home = {n: lowvram.HOST if self.low_vram and n in ("unet", "control") else self.device
                       for n in NETS}
         self._home["clip"] = next(self.clip.parameters()).device
+        self._flat = {}   # net name -> (FlatWeights, [(module, name, is_param)] of its views)
         for n, net in self.nets.items():
             dtype, cl = target[n]
             # low-VRAM: the fast VAE and CLIP live in host memory between their phases
@@ -143,7 +153,11 @@ class FastNets:
             if cl or any(t.dtype != _want(m, p, t, dtype) or t.device != place(m)
                          for m, _, p, t in _tensors(net)):
                 self._host[n] = [(m, k, p, t.detach().cpu()) for m, k, p, t in _tensors(net)]
-                self._convert(self._host[n], dtype, cl, place)
+                if n in FLAT:
+                    self._flat[n] = self._convert_flat(self._host[n], dtype, cl, place,
+                                                       self.device)
+                else:
+                    self._convert(self._host[n], dtype, cl, place)
         self.handle = None
         self._fp32_names = None  # inside fp32(): the networks brought so far
         self._holder = nn.ModuleDict({n: self.nets[n] for n in PATCHED})  # one root for the patch
@@ -165,6 +179,51 @@ class FastNets:
             value = host.to(device=place(mod), dtype=_want(mod, is_param, host, dtype),
                             memory_format=fmt, copy=True)
             _assign(mod, name, is_param, value)
+
+    @staticmethod
+    @torch.no_grad()
+    def _convert_flat(tensors, dtype, channels_last, place, device):
+        """_convert, with the fast copies that live on `device` as views of one allocation
+        (runtime/fast/flat.py); returns (FlatWeights, [(module, name, is_param)] of the views)."""
+        flat_fmt = torch.channels_last if channels_last else torch.contiguous_format
+        here = [t for t in tensors if place(t[0]) == torch.device(device)]
+        flat = FlatWeights([(host.shape, _want(mod, is_param, host, dtype),
+                             flat_fmt if host.dim() == 4 else torch.contiguous_format)
+                            for mod, _, is_param, host in here], device)
+        for (mod, name, is_param, host), view in zip(here, flat.views()):
+            view.copy_(host)
+            _assign(mod, name, is_param, view)
+        FastNets._convert([t for t in tensors if place(t[0]) != torch.device(device)], dtype,
+                          channels_last, place)
+        return flat, [(mod, name, is_param) for mod, name, is_param, _ in here]
+
+    def park(self):
+        """Low-VRAM mode: the PARKED networks' fast weights off the device (their memory back to
+        the allocator, for the VAE decode and CLIP) until `unpark()`; their modules read a host
+        copy meanwhile. Does nothing otherwise, or inside fp32()."""
+        if not self.low_vram or self._fp32_names is not None:
+            return
+        for n in PARKED:
+            flat, where = self._flat.get(n, (None, ()))
+            if flat is not None and not flat.parked:
+                self._point(where, flat.park())
+
+    def unpark(self):
+        """The parked networks back on the device; False when one came back at another address
+        (graphs captured with it then read stale memory: capture again)."""
+        same = True
+        for n in PARKED:
+            flat, where = self._flat.get(n, (None, ()))
+            if flat is not None and flat.parked:
+                views, kept = flat.unpark()
+                self._point(where, views)
+                same = same and kept
+        return same
+
+    @staticmethod
+    def _point(where, tensors):
+        for (mod, name, is_param), t in zip(where, tensors, strict=True):
+            _assign(mod, name, is_param, t)
 
     def _patch(self):
         o = self.options
@@ -231,6 +290,7 @@ class FastNets:
             for n in NETS:
                 self.nets[n].to(self._home[n])
         self._host.clear()
+        self._flat.clear()
         self.model.__dict__.pop(_OWNER, None)
         self.closed = True
 

@@ -3,6 +3,7 @@ fallback). Steps 3-9 of upstream's process() from the edge map and the joined pr
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Callable, Optional
 
@@ -18,6 +19,8 @@ from runtime.fast.step import Step, control_rows, model_calls
 from runtime.errors import require_finite
 from runtime.prompt_cache import PromptCache
 from runtime.seed import seeded_noise
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -88,6 +91,10 @@ class FastRunner:
         """
         self.nets._check_open()
         with self._on_device(), _cudnn_benchmark(self.options.cudnn_benchmark):
+            if not self.nets.unpark():      # low-VRAM: the ControlNet back, at a new address
+                logger.debug("low-VRAM: the ControlNet came back at another address: the "
+                             "graphs are captured again")
+                self.graphs.clear()
             return self._sample(hint, ctx_c, ctx_u, x_T, steps, guess_mode, strength, scale, eta,
                                 callback, control_scales)
 
@@ -249,6 +256,7 @@ class FastRunner:
             z = fallback.redo_in_fp32(self.nets, self.options.dtype, hint, ctx_c, ctx_u, x_T,
                                       ddim_steps, guess_mode, strength, scale, eta)
             info["redone_fp32"] = True
+        self.nets.park()        # low-VRAM: the ControlNet's memory for the decode and CLIP
         x = self.decode(z)
         require_finite(x, "fast mode, also after its float32 redo" if self.options.nan_check
                        else "fast mode, nan_check off")
