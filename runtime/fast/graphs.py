@@ -87,6 +87,7 @@ class Entry:
         self.key = key
         self.bufs = StaticBuffers(key)
         self.kv = {}              # model call name -> {attn2 module: (k, v) static buffers}
+        self.texts = None         # (ctx_c, ctx_u) whose K/V `kv` holds (with precompute)
         self.embo = {}            # ResBlock emb_layers module -> [1, C] view of a static buffer
         self.graph = None
         self.pool = None
@@ -123,6 +124,7 @@ class Entry:
         self.graph = self.pool = None
         self.bufs.clear()
         self.kv.clear()
+        self.texts = None
         self.embo.clear()
 
 

@@ -237,6 +237,49 @@ def test_fast_sampler_equals_reference_sampler_fp32(inputs, runner, guess, eta, 
     torch.testing.assert_close(fast, ref, **TOL[torch.float32])
 
 
+def test_schedules_are_made_once_per_steps_and_eta(inputs, runner, monkeypatch):
+    """The DDIM schedule (and its time-embedding table) of a (steps, eta) is made on its first
+    use only, at most SCHEDULES are kept, and a kept one samples the same latents as a new one."""
+    import runtime.fast.pipeline as pipeline
+    hint, ctx_c, ctx_u, x_T = inputs
+    made = []
+    real = pipeline.ddim_schedule
+    monkeypatch.setattr(pipeline, "ddim_schedule",
+                        lambda *a, **k: (made.append(a[1:3]), real(*a, **k))[1])
+    r = runner()
+    z1, _ = r.sample(hint, ctx_c, ctx_u, x_T, 3)
+    z2, _ = r.sample(hint, ctx_c, ctx_u, x_T, 3)
+    assert made == [(3, 0.0)]
+    torch.testing.assert_close(z2, z1, rtol=0, atol=0)
+    for steps in range(4, 4 + pipeline.SCHEDULES):
+        r._schedule(steps, 0.0)
+    assert len(r._schedules) == pipeline.SCHEDULES and (3, 0.0) not in r._schedules
+    r.sample(hint, ctx_c, ctx_u, x_T, 3)
+    assert made[-1] == (3, 0.0) and len(made) == 2 + pipeline.SCHEDULES
+
+
+def test_text_kv_computed_again_only_for_other_contexts(inputs, runner):
+    """A repeated prompt reuses the entry's text K/V; other contexts compute theirs, giving what
+    a new runner gives."""
+    hint, ctx_c, ctx_u, x_T = inputs
+    r = runner()
+    calls = []
+    real = r.kv.compute
+    r.kv.compute = lambda net, ctx: (calls.append(net), real(net, ctx))[1]
+    z1, _ = r.sample(hint, ctx_c, ctx_u, x_T, 2)
+    assert len(calls) == 2                                  # UNet and ControlNet, one call
+    z2, _ = r.sample(hint, ctx_c, ctx_u, x_T, 2)
+    assert len(calls) == 2
+    torch.testing.assert_close(z2, z1, rtol=0, atol=0)
+    other = ctx_u.flip(1)
+    z3, _ = r.sample(hint, ctx_c, other, x_T, 2)
+    assert len(calls) == 4
+    r.close()
+    want, _ = runner().sample(hint, ctx_c, other, x_T, 2)
+    torch.testing.assert_close(z3, want, rtol=0, atol=0)
+    assert not torch.equal(z3, z1)
+
+
 def test_hint_batch_fills_the_same_entry(inputs, runner):
     """A hint of batch 1 and one of batch B (the same rows) share one graph entry and its buffers
     (the hint is brought to the ControlNet's rows before it is stored), with the same result."""
