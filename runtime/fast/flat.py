@@ -15,7 +15,11 @@ one starting on a 256-byte boundary. Two things follow:
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 ALIGN = 256   # bytes
 
@@ -58,9 +62,13 @@ class FlatWeights:
         return the tensors as views of the host copy (point the modules at them: nothing may
         keep a view of the device allocation, or its memory is not given back)."""
         if self.host is None:
-            host = torch.empty(self.nbytes, dtype=torch.uint8, device="cpu",
-                               pin_memory=self.device.type == "cuda")
+            host = torch.empty(self.nbytes, dtype=torch.uint8, device="cpu")
             host.copy_(self.flat)
+            if self.device.type == "cuda":
+                try:        # pinned: the copy back is a DMA, not a staged copy
+                    host = host.pin_memory()
+                except RuntimeError as err:   # e.g. a locked-memory limit: pageable works too
+                    logger.info("low-VRAM: host copy not pinned (%s)", err)
             self.host = host
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)   # no kernel of any stream still reads it
