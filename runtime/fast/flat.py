@@ -29,18 +29,18 @@ def _strides(shape, memory_format):
 
 
 class FlatWeights:
-    """Tensors of (shape, dtype, memory format) as views of one uint8 allocation on `device`."""
+    """Tensors of (shape, dtype, memory format) as views of one uint8 allocation on `device`; the
+    memory format applies to 4-D shapes (others are contiguous)."""
 
     def __init__(self, specs, device):
         self.device = torch.device(device)
         self.layout, offset = [], 0
         for shape, dtype, memory_format in specs:
             shape = tuple(shape)
-            stride = _strides(shape, memory_format) if len(shape) == 4 else \
-                _strides(shape, torch.contiguous_format)
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            self.layout.append((offset, shape, stride, dtype))
-            offset += -(-max(1, _numel(shape)) * itemsize // ALIGN) * ALIGN
+            fmt = memory_format if len(shape) == 4 else torch.contiguous_format
+            size = _numel(shape) * dtype.itemsize
+            self.layout.append((offset, size, shape, _strides(shape, fmt), dtype))
+            offset += -(-max(1, size) // ALIGN) * ALIGN
         self.nbytes = offset
         self.flat = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         self.address = self.flat.data_ptr()
@@ -53,9 +53,8 @@ class FlatWeights:
     def views(self, buffer=None):
         """The tensors, as views of `buffer` (default: the device allocation)."""
         buffer = self.flat if buffer is None else buffer
-        return [buffer[off:off + _numel(shape) * torch.empty((), dtype=dt).element_size()]
-                .view(dt).as_strided(shape, stride)
-                for off, shape, stride, dt in self.layout]
+        return [buffer[off:off + size].view(dt).as_strided(shape, stride)
+                for off, size, shape, stride, dt in self.layout]
 
     def park(self):
         """Copy to host memory (once: the weights never change), drop the device allocation, and

@@ -187,8 +187,7 @@ class FastNets:
         (runtime/fast/flat.py); returns (FlatWeights, [(module, name, is_param)] of the views)."""
         flat_fmt = torch.channels_last if channels_last else torch.contiguous_format
         here = [t for t in tensors if place(t[0]) == torch.device(device)]
-        flat = FlatWeights([(host.shape, _want(mod, is_param, host, dtype),
-                             flat_fmt if host.dim() == 4 else torch.contiguous_format)
+        flat = FlatWeights([(host.shape, _want(mod, is_param, host, dtype), flat_fmt)
                             for mod, _, is_param, host in here], device)
         for (mod, name, is_param, host), view in zip(here, flat.views()):
             view.copy_(host)

@@ -190,8 +190,8 @@ class FastRunner:
             b.put("t", torch.zeros(1, dtype=torch.long, device=dev))
         ctx_c, ctx_u = ctx_c.to(dev, dt), ctx_u.to(dev, dt)
         if o.precompute:
-            if e.texts is not None and all(torch.equal(a, b) for a, b in zip(e.texts,
-                                                                            (ctx_c, ctx_u))):
+            if e.texts is not None and all(torch.equal(old, new) for old, new in
+                                           zip(e.texts, (ctx_c, ctx_u))):
                 return      # a repeated prompt: its text K/V are in the buffers already
             e.texts = (ctx_c.clone(), ctx_u.clone())
         both = torch.cat([ctx_u, ctx_c])
