@@ -239,41 +239,36 @@ def geglu_gemm_rows(ceil):
     (cuBLAS F.linear with bias, then the GEGLU kernel), and cuBLAS's GEMM alone; each launch
     configuration of GEGLU_GEMM_SWEEP, and its max abs difference from the unfused result."""
     rows = []
-    table = platform._table()
-    saved = dict(table["geglu_gemm"])
-    try:
-        for M, K, Fo in GEGLU_GEMMS:
-            g = torch.Generator(device="cuda").manual_seed(M + K)
-            x = torch.randn(M, K, dtype=DT, device="cuda", generator=g)
-            w = torch.randn(2 * Fo, K, dtype=DT, device="cuda", generator=g) * K ** -0.5
-            b = torch.randn(2 * Fo, dtype=DT, device="cuda", generator=g) * 0.1
-            shape = f"[{M},{K}]x[{2 * Fo},{K}]"
-            flop = 2 * M * K * 2 * Fo
-            row = dict(kernel="geglu_gemm", shape=shape)
-            try:
-                row["unfused_ms"] = bench(lambda: geglu(F.linear(x, w, b)))[0]
-                row["cublas_gemm_ms"] = bench(lambda: F.linear(x, w, b))[0]
-                want = geglu(F.linear(x, w, b)).float()
-                for i, cfg in enumerate(GEGLU_GEMM_SWEEP):
-                    table["geglu_gemm"] = dict(saved, **cfg)
-                    key = "cfg{}_{BLOCK_M}x{BLOCK_N}x{BLOCK_K}_w{num_warps}_s{num_stages}".format(i, **cfg)
-                    try:
+    for M, K, Fo in GEGLU_GEMMS:
+        g = torch.Generator(device="cuda").manual_seed(M + K)
+        x = torch.randn(M, K, dtype=DT, device="cuda", generator=g)
+        w = torch.randn(2 * Fo, K, dtype=DT, device="cuda", generator=g) * K ** -0.5
+        b = torch.randn(2 * Fo, dtype=DT, device="cuda", generator=g) * 0.1
+        shape = f"[{M},{K}]x[{2 * Fo},{K}]"
+        flop = 2 * M * K * 2 * Fo
+        row = dict(kernel="geglu_gemm", shape=shape)
+        try:
+            row["unfused_ms"] = bench(lambda: geglu(F.linear(x, w, b)))[0]
+            row["cublas_gemm_ms"] = bench(lambda: F.linear(x, w, b))[0]
+            want = geglu(F.linear(x, w, b)).float()
+            for i, cfg in enumerate(GEGLU_GEMM_SWEEP):
+                key = "cfg{}_{BLOCK_M}x{BLOCK_N}x{BLOCK_K}_w{num_warps}_s{num_stages}".format(i, **cfg)
+                try:
+                    with platform.overriding("geglu_gemm", **cfg):
                         ms = bench(lambda: geglu_linear(x, w, b))[0]
                         diff = (geglu_linear(x, w, b).float() - want).abs().max().item()
-                        row[key] = dict(ms=ms, TFLOPs=flop / ms / 1e9, max_abs_diff=diff)
-                    except Exception as ex:
-                        row[key] = dict(error=f"{type(ex).__name__}: {ex}"[:200])
-                timed = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
-                best = min(timed, key=timed.get)
-                row["triton_ms"], row["best_config"] = timed[best], best
-                row["speedup_vs_eager"] = row["unfused_ms"] / row["triton_ms"]
-                row["cublas_TFLOPs"] = flop / row["cublas_gemm_ms"] / 1e9
-            except Exception as ex:
-                row["error"] = f"{type(ex).__name__}: {ex}"[:300]
-            rows.append(row)
-            print(row, flush=True)
-    finally:
-        table["geglu_gemm"] = saved
+                    row[key] = dict(ms=ms, TFLOPs=flop / ms / 1e9, max_abs_diff=diff)
+                except Exception as ex:
+                    row[key] = dict(error=f"{type(ex).__name__}: {ex}"[:200])
+            timed = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
+            best = min(timed, key=timed.get)
+            row["triton_ms"], row["best_config"] = timed[best], best
+            row["speedup_vs_eager"] = row["unfused_ms"] / row["triton_ms"]
+            row["cublas_TFLOPs"] = flop / row["cublas_gemm_ms"] / 1e9
+        except Exception as ex:
+            row["error"] = f"{type(ex).__name__}: {ex}"[:300]
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 

@@ -22,8 +22,9 @@ Rows:
                        error in eps err and PSNR, its weights in the peak
   no_geglu_gemm        +fusions without geglu_gemm (the feed-forward projection with GEGLU in
                        one Triton GEMM, a default since 5940542: the A/B)
-  ff_residual          +fusions and the feed-forward's output GEMM accumulating into s + its bias
-                       (fusion ff_residual: no residual add kernel; not a default)
+  no_ff_residual       +fusions without ff_residual (the feed-forward's output GEMM accumulating
+                       into s + its bias, no residual add kernel; a default since the A/B of
+                       72a5f6c and 5940542)
   no_ddim_update       +fusions without ddim_update (the step's guidance and DDIM update in
                        eager PyTorch ops, as before it)
   compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
@@ -85,7 +86,8 @@ VARIANTS = {"vae_nchw": ("+fusions", dict(vae_channels_last=False)),
             "clip_fp16": ("+fusions", dict(clip_dtype=torch.float16)),
             "no_geglu_gemm": ("+fusions", dict(fusions=tuple(f for f in DEFAULT_FUSIONS
                                                              if f != "geglu_gemm"))),
-            "ff_residual": ("+fusions", dict(fusions=DEFAULT_FUSIONS + ("ff_residual",))),
+            "no_ff_residual": ("+fusions", dict(fusions=tuple(f for f in DEFAULT_FUSIONS
+                                                              if f != "ff_residual"))),
             "no_ddim_update": ("+fusions", dict(fusions=tuple(f for f in DEFAULT_FUSIONS
                                                               if f != "ddim_update")))}
 PROMPT = "a house under the sun"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session of checks and measurements, as run on the device machine (H200) for the README:
 #   1. the GPU tests (tests marked `gpu`: kernels at every real shape, fast mode graph == eager, ...)
-#   2. bench_pipeline.py: reference, fast mode without fusions, full, the opt-in switches
-#      (conv_gemm, ff_residual) and defaults switched off one at a time (CLIP in fp32, without
-#      geglu_gemm, without the fused DDIM update), side by side with the previous commit's fast
+#   2. bench_pipeline.py: reference, fast mode without fusions, full, the opt-in switch
+#      (conv_gemm) and defaults switched off one at a time (CLIP in fp32, without geglu_gemm,
+#      without ff_residual, without the fused DDIM update), side by side with the previous commit's fast
 #      mode (PREV_TREE: an exported tree of that commit)
 #   3. (SKIP_EXTRA=1 skips) kernels per step, the steady peak, and fusion geglu_gemm's kernel
 #      against cuBLAS + the GEGLU kernel with its tile sweep
@@ -25,7 +25,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 python3 benchmarks/bench_pipeline.py --sizes 512 256 --batches 1 4 --repeats 5 --ref-repeats 2 \
-  --warmup 1 --rows reference +cuda_graph +fusions +conv_gemm clip_fp32 no_geglu_gemm ff_residual \
+  --warmup 1 --rows reference +cuda_graph +fusions +conv_gemm clip_fp32 no_geglu_gemm no_ff_residual \
   no_ddim_update --out "$OUT" --tag "${TAG:-h200}" \
   2>&1 | tee "$OUT/bench.log" | grep -v " INFO " | tail -20
 if [ -n "${PREV_TREE:-}" ]; then

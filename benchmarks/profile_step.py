@@ -105,9 +105,15 @@ def _outer_op(ev):
     return op
 
 
+# Families whose kernels are many and cheap: by_shape lists every row of them, not only the
+# costliest, so that each one's origin (op and shapes) can be found and removed.
+LISTED_FAMILIES = ("copy", "elementwise", "other")
+
+
 def by_shape(prof, n=40) -> dict:
-    """GPU time by (op, input shapes, kernel), the n costliest, and how much of the kernel time
-    could be linked to an op (the rest, Triton's launches, is grouped by kernel name)."""
+    """GPU time by (op, input shapes, kernel), the n costliest, every row of LISTED_FAMILIES
+    ("listed"), and how much of the kernel time could be linked to an op (the rest, Triton's
+    launches, is grouped by kernel name)."""
     totals, counts = collections.Counter(), collections.Counter()
     for ev in _kernel_events(prof):
         totals[ev.name] += ev.device_time_total
@@ -138,7 +144,7 @@ def by_shape(prof, n=40) -> dict:
              "ms": t} for (op, sh, k), (c, t) in groups.items()]
     rows.sort(key=lambda r: -r["ms"])
     return {"gpu_ms": sum(totals.values()) / 1e3, "linked_ms": sum(linked.values()) / 1e3,
-            "rows": rows[:n]}
+            "rows": rows[:n], "listed": [r for r in rows if r["family"] in LISTED_FAMILIES]}
 
 
 def _inputs(runner, size, batch, seed=0):
@@ -278,7 +284,9 @@ def main():
         if args.by_shape:
             bs = res["by_shape"]
             md += [f"By op × shape × kernel ({bs['linked_ms']:.1f} of {bs['gpu_ms']:.1f} ms linked "
-                   "to an aten op):", "", shape_table(bs["rows"], args.by_shape), ""]
+                   "to an aten op):", "", shape_table(bs["rows"], args.by_shape), "",
+                   f"Every {' / '.join(LISTED_FAMILIES)} kernel of the step:", "",
+                   shape_table(bs["listed"], len(bs["listed"])), ""]
             out = entry["outside"] = profile_outside(runner, size, args.batch)
             md += [f"## {size}² batch {args.batch}: outside the loop (one eager generate() of one "
                    f"step, by phase: {out['gpu_ms']:.1f} ms of GPU time)", ""]

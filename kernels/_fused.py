@@ -319,6 +319,12 @@ def geglu_gemm_ok(m):
             and m.proj.bias is not None)
 
 
+def run_geglu(handle, m, x, orig, reason=None):
+    """GEGLU `m` as its projection GEMM, then the GEGLU kernel: the plain "geglu" site, and
+    geglu_gemm's path for the projections it leaves to cuBLAS."""
+    return handle.run("geglu", reason, lambda: geglu(m.proj(x).contiguous()), lambda: orig(x))
+
+
 def patch_geglu_gemm(handle, m):
     orig = m.forward
 
@@ -331,8 +337,7 @@ def patch_geglu_gemm(handle, m):
             # a wide projection (cuBLAS's GEMM + the GEGLU kernel measured faster), or fp32
             # where Triton has no fp32 dot: the GEMM, then the GEGLU kernel
             handle.counts["geglu_gemm"]["unfused"] += 1
-            return handle.run("geglu", None, lambda: geglu(self.proj(x).contiguous()),
-                              lambda: orig(x))
+            return run_geglu(handle, self, x, orig)
         return handle.run("geglu_gemm", r,
                           lambda: geglu_linear(x, self.proj.weight, self.proj.bias),
                           lambda: orig(x))

@@ -14,7 +14,6 @@ import torch.nn as nn
 from . import _fused
 from .activations import activation
 from .attention import MAX_KERNEL_HEAD_DIM, attention
-from .geglu import geglu
 from .group_norm import group_norm
 from .layer_norm import MAX_N as LN_MAX_N
 from .layer_norm import layer_norm
@@ -192,8 +191,7 @@ def _patch_geglu(handle, m):
     orig = m.forward
 
     def forward(self, x):
-        r = _tensor_reason(x)
-        return handle.run("geglu", r, lambda: geglu(self.proj(x).contiguous()), lambda: orig(x))
+        return _fused.run_geglu(handle, self, x, orig, _tensor_reason(x))
     handle._set(m, "forward", forward, "geglu")
 
 

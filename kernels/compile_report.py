@@ -280,15 +280,11 @@ def record(target, model=None, batches=(1, 2), size=512, channels_last=True,
                 handle = kernels.patch(model, strict=True, fusions=kernels.FUSIONS)
                 # geglu_gemm on every projection, whatever the target's MAX_K (0 on AMD, where
                 # it is not measured): every launch a user can switch on gets compiled
-                geglu = platform._table()["geglu_gemm"]
-                max_k, geglu["MAX_K"] = geglu["MAX_K"], 1 << 30
-                try:
+                with platform.overriding("geglu_gemm", MAX_K=1 << 30):
                     for B in batches:
                         site[0] = f"unet+control, every fusion, B{B}"
                         x, cond = step_inputs(B)
                         model.apply_model(x, torch.zeros(B, dtype=torch.long, device="meta"), cond)
-                finally:
-                    geglu["MAX_K"] = max_k
         finally:
             handle.undo()
             for h in hooks:

@@ -68,10 +68,12 @@ FUSIONS = ("conv_bias", "spatial_transformer", "qkv", "add_layer_norm", "conv1x1
 # kernels per call, and end to end it measured within noise (kernels/_fused.py, H200 2026-12-03).
 # geglu_gemm is a default since the H100 measured it 1.27x cuBLAS + the GEGLU kernel at the
 # projections it takes (platform's MAX_K; none on AMD, not measured there) and no slower end to
-# end (benchmarks/results/bench_h100_20261207_5940542.md). ff_residual (needs add_layer_norm) is
-# not: alone it measured no faster, with geglu_gemm 1-3 ms faster a 512² image in two runs, and
-# it is not bit-identical.
-OPT_IN_FUSIONS = ("conv_gemm", "ff_residual")
+# end (benchmarks/results/bench_h100_20261207_5940542.md). ff_residual (needs add_layer_norm) is a
+# default since both H100 calls that measured it beside geglu_gemm had the loop faster with it
+# (155.4 vs 158.3 ms and 156.9 vs 158.1 at 512², 82.3 vs 83.2 and 83.7 vs 83.8 at 256²;
+# bench_h100_20261207_72a5f6c.md, _5940542.md), 23 add kernels a step fewer, eps error and
+# PSNR as without it (1.06-1.08e-2, 59.0-59.1 dB); it is not bit-identical to the add kernel.
+OPT_IN_FUSIONS = ("conv_gemm",)
 DEFAULT_FUSIONS = tuple(f for f in FUSIONS if f not in OPT_IN_FUSIONS)
 ENV_DISABLE = "CONTROLNET_KERNELS_DISABLE"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

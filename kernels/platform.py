@@ -347,6 +347,21 @@ def config(family: str, key=None):
     return dict(entry) if isinstance(entry, dict) else entry
 
 
+@contextlib.contextmanager
+def overriding(family: str, **values):
+    """Inside the block, config(family) answers with `values` over the active table's entry
+    (e.g. a tile sweep's configuration, or geglu_gemm's MAX_K lifted so that every projection
+    takes the kernel); the entry is restored after. For benchmarks and the compile report, not
+    for runtime: not thread-safe."""
+    table = _table()
+    saved = table[family]
+    table[family] = dict(saved, **values)
+    try:
+        yield table[family]
+    finally:
+        table[family] = saved
+
+
 def launch_options(cfg: dict) -> dict:
     """The subset of a config dict that goes to `kernel[grid](..., **options)`.
 

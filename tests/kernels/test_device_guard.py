@@ -96,7 +96,8 @@ def test_every_patched_forward_is_guarded(monkeypatch):
         guarded = [(mod, name) for mod, name, _, new in h._changes
                    if getattr(new, "__wrapped__", None) is not None]
         identities = [mod for mod, name, _, new in h._changes if not hasattr(new, "__wrapped__")]
-        sites = sum(v["sites"] for v in h.counts.values())
+        # ff_residual is a variant of add_layer_norm's forward, not a forward of its own
+        sites = sum(v["sites"] for k, v in h.counts.items() if k != "ff_residual")
         assert len(guarded) == sites and sites > 0
         assert all(isinstance(mod, torch.nn.SiLU) for mod in identities)  # fused GN+SiLU slot 1
         for mod, name in guarded:

@@ -27,6 +27,20 @@ def test_as_target_answers_like_the_gpu_and_restores():
     assert (platform.arch(), platform.is_hip(), platform.warp_size()) == before
 
 
+def test_overriding_a_config_for_a_block_then_restoring_it():
+    with platform.as_target("gfx1100"):
+        before = platform.config("geglu_gemm")
+        assert before["MAX_K"] == 0          # AMD: no projection takes the kernel
+        with pytest.raises(KeyError):
+            with platform.overriding("geglu_gemm", MAX_K=1 << 30, BLOCK_M=32):
+                got = platform.config("geglu_gemm")
+                assert got == dict(before, MAX_K=1 << 30, BLOCK_M=32)
+                raise KeyError("the entry is restored on the way out all the same")
+        assert platform.config("geglu_gemm") == before
+    with platform.as_target("sm90"):   # another target's table is never touched
+        assert platform.config("geglu_gemm")["MAX_K"] == 320
+
+
 def test_no_tf32_and_no_fp32_dots_on_amd():
     import inspect
 
