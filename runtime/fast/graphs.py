@@ -92,6 +92,8 @@ class Entry:
         self.graph = None
         self.pool = None
         self.capture_error = None
+        self.decoder = None       # (graph of the VAE decode, its outputs): capture_decode
+        self.decoder_error = None
 
     def capture(self, step, device):
         """Warm up (cuDNN autotuning if on, Triton autotune, lazy init) on a side stream, then
@@ -120,8 +122,32 @@ class Entry:
         for k, v in saved.items():
             self.bufs[k].copy_(v)
 
+    def capture_decode(self, decode, device):
+        """Warm up, then capture `decode()` (the VAE decode of this entry's latents, returning
+        its output tensors) into the step graph's memory pool: the decode's temporaries reuse the
+        step's (the two never run at once), and its outputs live there too, so they are read
+        before the next step replay overwrites them. A failure is kept as `decoder_error` (the
+        decode then runs eager)."""
+        try:
+            s = stream(device, "capture")
+            s.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(s):
+                decode()
+            torch.cuda.current_stream(device).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                out = decode()
+            self.decoder = (g, out)
+            logger.info("fast mode: captured the decode for %s", self.key)
+        except Exception as err:  # as for the step: never stop a generation, decode eager
+            self.decoder = None
+            self.decoder_error = f"{type(err).__name__}: {err}"
+            logger.warning("fast mode: CUDA graph capture of the decode failed for %s, decoding "
+                           "eager: %s", self.key, self.decoder_error)
+            torch.cuda.synchronize(device)
+
     def free(self):
-        self.graph = self.pool = None
+        self.graph = self.pool = self.decoder = None
         self.bufs.clear()
         self.kv.clear()
         self.texts = None

@@ -47,6 +47,10 @@ class FastOptions:
     # benchmarks/results/bench_h100_20261207_vae.md, bench_h200_20261207_3e82606*.md).
     vae_channels_last: bool = True
     cuda_graph: bool = True             # the whole step captured once per shape and replayed
+    # The VAE decode (and the uint8 conversion) captured too, into the step graph's memory pool,
+    # where the step ran as a graph (not in low-VRAM mode: its VAE moves). Eager, the decode is
+    # ~185 launches from Python for ~2.6 ms of GPU work at 256². Not yet measured: off.
+    decode_graph: bool = False
     two_streams: bool = True            # the ControlNet on a second stream beside the UNet encoder
     graph_cache_size: int = 3           # captured shapes kept (LRU), each with its memory pool
     nan_check: bool = True              # non-finite eps/latents/images: redo in fp32

@@ -55,6 +55,7 @@ class FastRunner:
         self._run_step = torch.compile(self.step, mode=o.compile) if o.compile else self.step
         self.graphs = GraphCache(o.graph_cache_size)
         self._schedules = {}
+        self._entry = None        # the graph entry of the last sampling (its decode graph)
         self.last_info = {}
 
     # -- the parts, for callers and tests ----------------------------------------------------------
@@ -141,6 +142,7 @@ class FastRunner:
             if callback is not None:
                 callback(i + 1, len(sched.timesteps))
         x = e.bufs["x"].clone()
+        self._entry = e
         bad = bool(e.bufs["bad"]) or not bool(torch.isfinite(x).all())
         info = {"graph": graph, "capture_error": e.capture_error, "nonfinite": bad,
                 "first_eps": first_eps, "steps": len(sched.timesteps)}
@@ -225,15 +227,42 @@ class FastRunner:
         """Latents -> images in [-1, 1], float32 [B, 3, H, W]: VAE in vae_dtype; non-finite output
         is decoded again in fp32 (with a warning)."""
         o = self.options
-        zs = (1.0 / self.model.scale_factor) * z
-        if o.vae_channels_last:
-            zs = zs.contiguous(memory_format=torch.channels_last)
         with self._on_device(), _cudnn_benchmark(o.cudnn_benchmark), \
                 lowvram.resident(self.nets.decoding, self.device):   # low-VRAM: host VAE, for now
-            x = self.vae.decode(zs.to(o.vae_dtype)).float()
+            x = self._vae_decode(z)
             if o.nan_check and not bool(torch.isfinite(x).all()):
                 x = fallback.decode_in_fp32(self.nets, z, o.vae_dtype)
         return x
+
+    def _vae_decode(self, z):
+        """The fast VAE's decode of latents z, float32 [B, 3, H, W] (no fallback)."""
+        o = self.options
+        zs = (1.0 / self.model.scale_factor) * z
+        if o.vae_channels_last:
+            zs = zs.contiguous(memory_format=torch.channels_last)
+        return self.vae.decode(zs.to(o.vae_dtype)).float()
+
+    def _decode_replay(self, e):
+        """The uint8 images of e.bufs["x"] (the last sampling's latents) from a CUDA graph of the
+        decode, captured on first use (FastOptions.decode_graph; graphs.Entry.capture_decode);
+        None where the capture failed or an image is not finite: the caller then decodes eagerly
+        (with decode()'s fp32 fallback, the same as without the graph)."""
+        with self._on_device():
+            if e.decoder is None and e.decoder_error is None:
+                with _cudnn_benchmark(self.options.cudnn_benchmark):
+                    e.capture_decode(lambda: self._decode_u8(e.bufs["x"]), self.device)
+            if e.decoder is None:
+                return None
+            graph, (images, finite) = e.decoder
+            graph.replay()
+            # read now: the outputs live in the step graph's pool, which its next replay reuses
+            return list(images.cpu().numpy()) if bool(finite) else None
+
+    def _decode_u8(self, z):
+        """(to_uint8's values of decode(z) as one [B, H, W, 3] uint8 tensor, whether decode(z)
+        is all finite), on the device: what the decode graph runs."""
+        x = self._vae_decode(z)
+        return _uint8(x), torch.isfinite(x).all()
 
     def encode(self, texts):
         """CLIP outputs of `texts` through the prompt cache; in low-VRAM mode CLIP comes to the
@@ -246,8 +275,7 @@ class FastRunner:
     @staticmethod
     def to_uint8(x):
         """[B, 3, H, W] in [-1, 1] -> list of HxWx3 uint8 (clip, then truncate, as upstream)."""
-        y = (x.permute(0, 2, 3, 1) * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)
-        return list(y.cpu().numpy())
+        return list(_uint8(x).cpu().numpy())
 
     @torch.no_grad()
     def generate(self, detected_map, prompt, n_prompt, num_samples, ddim_steps, guess_mode,
@@ -283,10 +311,16 @@ class FastRunner:
                                       ddim_steps, guess_mode, strength, scale, eta)
             info["redone_fp32"] = True
         self.nets.park()        # low-VRAM: the ControlNet's memory for the decode and CLIP
-        x = self.decode(z)
-        require_finite(x, "fast mode, also after its float32 redo" if self.options.nan_check
-                       else "fast mode, nan_check off")
-        images = self.to_uint8(x)
+        o, images = self.options, None
+        if (o.decode_graph and info["graph"] and not info.get("redone_fp32")
+                and not self.nets.low_vram):
+            images = self._decode_replay(self._entry)
+        info["decode_graph"] = images is not None
+        if images is None:
+            x = self.decode(z)
+            require_finite(x, "fast mode, also after its float32 redo" if o.nan_check
+                           else "fast mode, nan_check off")
+            images = self.to_uint8(x)
         info["seconds"] = time.perf_counter() - t0
         self.last_info = info
         return images
@@ -296,3 +330,8 @@ class FastRunner:
         with self.fp32() as model:
             return fallback.reference_sample(model, hint, ctx_c, ctx_u, x_T, steps, guess_mode,
                                              strength, scale, eta)
+
+
+def _uint8(x):
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 on x's device (clip, then truncate)."""
+    return (x.permute(0, 2, 3, 1) * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)

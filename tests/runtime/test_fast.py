@@ -328,6 +328,21 @@ def test_generate_is_reproducible_and_matches_reference_process(model, runner):
         assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
 
 
+def test_decode_graph_needs_a_step_graph(runner):
+    """FastOptions.decode_graph only where the step ran as a CUDA graph: on the CPU the decode
+    stays eager and the images are those without the option."""
+    edge = np.zeros((64, 64, 3), np.uint8)
+    edge[10:50, 30] = 255
+    first = runner()
+    want = first.generate(edge, "a", "b", 1, 3, False, 1.0, 9.0, 3, 0.0)
+    first.close()           # a model has one fast-mode owner at a time
+    r = runner(decode_graph=True)
+    got = r.generate(edge, "a", "b", 1, 3, False, 1.0, 9.0, 3, 0.0)
+    assert not r.last_info["graph"] and not r.last_info["decode_graph"]
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_nan_in_eps_triggers_fp32_redo(runner, caplog):
     """A non-finite value forced into the fast path (its fp32 hint-block copy, which only fast
     mode uses) makes the generation run again in fp32 on the reference sampler."""
@@ -622,6 +637,61 @@ def test_vae_channels_last_on_the_gpu_decodes_the_same_images(gpu_model):
         finally:
             r.close()
     torch.testing.assert_close(images[1], images[0], rtol=2e-2, atol=2e-2)
+
+
+def gpu_edge():
+    edge = np.zeros((128, 64, 3), np.uint8)
+    edge[20:100, 30] = 255
+    edge[60, 10:50] = 255
+    return edge
+
+
+@pytest.mark.gpu
+def test_decode_graph_gives_the_eager_decode_images(gpu_model):
+    """FastOptions.decode_graph: the decode replayed from a graph captured into the step graph's
+    memory pool gives the eager decode's images, request after request (the step's replays in
+    between reuse that pool), and two batch sizes keep their own graphs."""
+    got = {}
+    for on in (False, True):
+        r = FastRunner(gpu_model, FastOptions(decode_graph=on))
+        try:
+            got[on] = []
+            for n, seed in ((2, 1), (2, 2), (1, 1), (2, 1)):
+                got[on].append(r.generate(gpu_edge(), "a house", "lowres", n, 4, False, 1.0, 9.0,
+                                          seed, 0.0))
+                assert r.last_info["graph"] and r.last_info["decode_graph"] == on, r.last_info
+        finally:
+            r.close()
+    for eager, graphed in zip(got[False], got[True]):
+        for x, y in zip(eager, graphed):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+    for x, y in zip(got[True][0], got[True][3]):   # a replay after other requests: the same
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.gpu
+def test_decode_graph_non_finite_images_decode_again(gpu_model, caplog):
+    """A non-finite fp16 decode in the graph falls through to the eager decode, whose fp32
+    fallback gives the images of an untouched decode."""
+    r = FastRunner(gpu_model, FastOptions(decode_graph=True))
+    try:
+        clean = r.generate(gpu_edge(), "a", "b", 1, 4, False, 1.0, 9.0, 3, 0.0)
+        assert r.last_info["decode_graph"]
+        r.graphs.clear()            # the poison below must be in the next capture
+
+        def poison_fp16(m, a, o):
+            return o * float("nan") if o.dtype == torch.float16 else o
+        hook = r.vae.decoder.register_forward_hook(poison_fp16)
+        try:
+            with caplog.at_level(logging.WARNING, logger="runtime.fast"):
+                out = r.generate(gpu_edge(), "a", "b", 1, 4, False, 1.0, 9.0, 3, 0.0)
+        finally:
+            hook.remove()
+    finally:
+        r.close()
+    assert not r.last_info["decode_graph"]
+    assert any("decoding in fp32" in rec.message for rec in caplog.records)
+    assert np.abs(out[0].astype(int) - clean[0].astype(int)).max() <= 2
 
 
 @pytest.mark.gpu
