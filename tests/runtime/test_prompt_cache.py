@@ -106,6 +106,35 @@ def test_new_weights_invalidate(model):
     assert runs.calls == 7
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_one_value_written_through_data_in_host_memory_misses(model, dtype):
+    """In host memory (low-VRAM mode keeps CLIP there, in fp16 in fast mode) the fingerprint sums
+    each tensor's bytes as integers: one value changed through `.data` (no version bump) makes a
+    miss; writing a value back unchanged does not."""
+    model.cond_stage_model.to(dtype)
+    cache, runs = PromptCache(), Counting(model)
+    weight = model.cond_stage_model.transformer.text_model.embeddings.token_embedding.weight
+    cache.encode(model, ["a"])
+    weight.data[3, 5] = weight.data[3, 5].clone()
+    cache.encode(model, ["a"])
+    assert runs.calls == 1
+    weight.data[3, 5] += 1
+    assert torch.equal(cache.encode(model, ["a"]), fresh(model, ["a"])) and runs.calls == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_value_sums_see_any_one_value_in_host_memory(dtype):
+    """_value_sums in host memory, for byte sizes that are and are not a multiple of 8, and for
+    a non-contiguous tensor: the same values give the same number, one changed value another."""
+    from runtime.prompt_cache import _value_sums
+    for t in (torch.randn(8, 6), torch.randn(3), torch.randn(7, 5).t()):
+        t = t.to(dtype)
+        before = _value_sums([t])
+        assert _value_sums([t.clone()]) == before
+        t[-1, ...] = t[-1, ...] * 2 + 1
+        assert _value_sums([t]) != before
+
+
 def test_a_replaced_text_encoder_or_patched_forward_misses(model):
     from runtime.weights import build_model
     cache, runs = PromptCache(), Counting(model)
