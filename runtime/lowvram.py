@@ -86,7 +86,10 @@ def place(model, device, host=()):
 @contextlib.contextmanager
 def resident(module, device):
     """Under save_memory: `module` (or each module of a tuple) on `device` for the with-block,
-    back in host memory after, its device memory handed back to the allocator. Otherwise: nothing
+    back in host memory after, its device memory handed back to the caching allocator (not to
+    the driver: the parked ControlNet comes back into that memory at the start of the next
+    sampling, at the address its captured graph reads; an empty_cache() here would give the
+    block away, and a new cudaMalloc need not return the same address). Otherwise: nothing
     moves."""
     if not config.save_memory:
         yield module
@@ -99,5 +102,3 @@ def resident(module, device):
     finally:
         for m in modules:
             m.to(HOST)
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()

@@ -92,6 +92,19 @@ def test_resident_moves_only_under_save_memory(save_memory):
     assert len(log) == 2
 
 
+def test_resident_keeps_the_device_memory_in_the_caching_allocator(save_memory, monkeypatch):
+    """No empty_cache() after a phase: the memory a decode or CLIP used (the parked ControlNet's)
+    stays cached for the ControlNet's return at the same address."""
+    def release():
+        raise AssertionError("resident() gave the cached device memory back to the driver")
+    monkeypatch.setattr(torch.cuda, "empty_cache", release)
+    log = []
+    with lowvram.resident((Recorder(log, "post_quant_conv"), Recorder(log, "decoder")),
+                          torch.device("cuda", 0)):
+        pass
+    assert [d.type for _, d in log] == ["cuda", "cuda", "cpu", "cpu"]
+
+
 def test_sliced_attention_matches_fp64_and_is_used(save_memory):
     torch.manual_seed(0)
     attn = CrossAttention(query_dim=24, context_dim=16, heads=3, dim_head=8).eval()
