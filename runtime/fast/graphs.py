@@ -101,17 +101,8 @@ class Entry:
         eager)."""
         saved = {k: self.bufs[k].clone() for k in ("x", "bad", "eps")}
         try:
-            s = stream(device, "capture")
-            s.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    step(self)
-            torch.cuda.current_stream(device).wait_stream(s)
             self.pool = torch.cuda.graph_pool_handle()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                step(self)
-            self.graph = g
+            self.graph, _ = _capture(lambda: step(self), device, self.pool, warmups=2)
             logger.info("fast mode: captured the step for %s", self.key)
         except Exception as err:  # a capture problem must not stop generation: run eager
             self.graph = self.pool = None
@@ -129,15 +120,7 @@ class Entry:
         before the next step replay overwrites them. A failure is kept as `decoder_error` (the
         decode then runs eager)."""
         try:
-            s = stream(device, "capture")
-            s.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(s):
-                decode()
-            torch.cuda.current_stream(device).wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                out = decode()
-            self.decoder = (g, out)
+            self.decoder = _capture(decode, device, self.pool, warmups=1)
             logger.info("fast mode: captured the decode for %s", self.key)
         except Exception as err:  # as for the step: never stop a generation, decode eager
             self.decoder = None
@@ -152,6 +135,22 @@ class Entry:
         self.kv.clear()
         self.texts = None
         self.embo.clear()
+
+
+def _capture(fn, device, pool, warmups):
+    """Run fn() `warmups` times on the capture stream (cuDNN autotuning if on, Triton compiles,
+    lazy init), then capture one call of it into a CUDA graph in `pool`: (graph, what that call
+    returned)."""
+    s = stream(device, "capture")
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = fn()
+    return g, out
 
 
 class GraphCache:
