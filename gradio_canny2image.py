@@ -713,10 +713,11 @@ def no_checkpoint_banner():
             f"it from {CKPT_URL}) and restart, or pass `--ckpt PATH`.")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, prog="gradio_canny2image.py"):
+    """The demo's flags; `prog`: its name in usage and error lines (the installed command's own)."""
     from runtime.cli import Parser, add_model_flags
     p = Parser(
-        prog="gradio_canny2image.py",
+        prog=prog,
         description="ControlNet canny2image demo (Gradio). Opens on http://127.0.0.1:7860.")
     add_model_flags(p)
     p.add_argument("--device", default="auto",
@@ -862,15 +863,16 @@ def clean_on_exit(folder):
             signal.signal(getattr(signal, name), stop)
 
 
-def main(argv=None, early=None, exiting=False):
+def main(argv=None, early=None, exiting=False, prog="gradio_canny2image.py"):
     """Start the demo; every start-up error ends in one line and exit status 1. The page is
     served as soon as the flags are checked; the model is built and warmed up behind it
     (Startup), and a failed build stops the demo with its line. `early`: the kernel precompile
     child spawned before the imports (runtime/early.py). `exiting`: the process ends when main
-    returns (the script, the installed command), so a stop that hangs is cut short (stop)."""
+    returns (the script, the installed command), so a stop that hangs is cut short (stop).
+    `prog`: the program's name in usage and error lines."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, prog)
         host = "0.0.0.0" if args.listen else "127.0.0.1"
         check_port(host, args.port)                   # at once, not after the model is built
         plan = plan_pipelines(args)

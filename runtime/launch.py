@@ -17,4 +17,5 @@ def canny2image_demo():
     """`canny2image-demo`: gradio_canny2image.py."""
     child = early.spawn(sys.argv[1:])
     import gradio_canny2image
-    return gradio_canny2image.main(sys.argv[1:], early=child, exiting=True)
+    return gradio_canny2image.main(sys.argv[1:], early=child, exiting=True,
+                                   prog="canny2image-demo")

@@ -161,6 +161,14 @@ def test_installed_folder_job_on_two_images(installed, tmp_path):
 
 
 
+def test_installed_demo_names_itself_in_its_errors(installed):
+    """A bad flag: one error line that names the command the user typed."""
+    result = _run(installed, [_program(installed, "canny2image-demo"), "--port", "0"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("canny2image-demo: error: argument --port: invalid port '0'")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_installed_demo_serves_and_answers(installed, tmp_path):
     import httpx
     from gradio_client import Client, handle_file
