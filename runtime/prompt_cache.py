@@ -36,7 +36,7 @@ def encoder_fingerprint(encoder):
     buffers = list(encoder.named_buffers())
     floats = [t.detach() for t in params + [b for _, b in buffers] if t.is_floating_point()]
     # A move gives every buffer a new tensor (parameters keep theirs): buffers go by name, and
-    # the integer ones (CLIP's 77 position_ids) by value, as no norm covers them.
+    # the integer ones (CLIP's 77 position_ids) by value, as _value_sums covers floats only.
     return (tuple((id(t), t._version, t.dtype, t.device, tuple(t.shape)) for t in params),
             tuple((name, t.dtype, t.device, tuple(t.shape),
                    None if t.is_floating_point() else tuple(t.flatten().tolist()))
@@ -52,7 +52,7 @@ def _value_sums(tensors):
     fused reduction over all of them); in host memory the sum of the values' bytes read as
     int64 words, which wraps around but is exact and independent of the order of summation,
     and reads memory at the CPU's speed: full-size fp16 CLIP on two cores ~20 ms, against
-    ~300-450 ms for the float64 norms, which low-VRAM mode paid on every request)."""
+    ~300-450 ms for the float64 norms, which low-VRAM mode paid on every request."""
     host = [t.contiguous().view(-1) for t in tensors if t.device.type == "cpu"]
     dev = [t for t in tensors if t.device.type != "cpu"]
     sums = tuple(int(t.view(torch.int64 if t.numel() * t.element_size() % 8 == 0
