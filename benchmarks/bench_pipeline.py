@@ -27,8 +27,9 @@ Rows:
                        72a5f6c and 5940542)
   no_ddim_update       +fusions without ddim_update (the step's guidance and DDIM update in
                        eager PyTorch ops, as before it)
-  decode_graph         +fusions with the VAE decode replayed from a CUDA graph in the step
-                       graph's memory pool (FastOptions.decode_graph; not a default)
+  no_decode_graph      +fusions with the VAE decode eager (FastOptions.decode_graph off: the
+                       decode replayed from a CUDA graph in the step graph's pool is a default
+                       since the H100 A/B of 964ba92)
   compile              (--compile) FastOptions(compile=mode): torch.compile of the fast eager step,
                        in a subprocess with a time limit: "did not compile within N s" is
                        recorded if it runs over
@@ -92,7 +93,7 @@ VARIANTS = {"vae_nchw": ("+fusions", dict(vae_channels_last=False)),
                                                               if f != "ff_residual"))),
             "no_ddim_update": ("+fusions", dict(fusions=tuple(f for f in DEFAULT_FUSIONS
                                                               if f != "ddim_update"))),
-            "decode_graph": ("+fusions", dict(decode_graph=True))}
+            "no_decode_graph": ("+fusions", dict(decode_graph=False))}
 PROMPT = "a house under the sun"
 
 

@@ -6,7 +6,7 @@ live then is grouped by its first stack frames outside torch. With --from-start 
 recorded from before the build, so what the pipeline holds between requests (weights, graph
 pools, buffers) is grouped too. Needs a GPU.
 
-    python benchmarks/steady_peak.py [--clip-dtype fp16] [--low-vram] [--decode-graph] [--from-start]
+    python benchmarks/steady_peak.py [--clip-dtype fp16] [--low-vram] [--no-decode-graph] [--from-start]
 """
 import argparse
 import collections
@@ -30,7 +30,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clip-dtype", default=None, help="FastOptions.clip_dtype (default: its default)")
     ap.add_argument("--low-vram", action="store_true", help="low-VRAM mode (--low-vram)")
-    ap.add_argument("--decode-graph", action="store_true", help="FastOptions.decode_graph")
+    ap.add_argument("--no-decode-graph", action="store_true",
+                    help="FastOptions.decode_graph off (the decode eager)")
     ap.add_argument("--from-start", action="store_true",
                     help="record the history from before the build: group the held memory too")
     args = ap.parse_args()
@@ -38,7 +39,7 @@ def main():
     lowvram.configure(args.low_vram)
     if args.from_start:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000)
-    options = FastOptions(decode_graph=args.decode_graph,
+    options = FastOptions(decode_graph=not args.no_decode_graph,
                           **({} if args.clip_dtype is None else dict(clip_dtype=args.clip_dtype)))
     pipe = app.build_pipeline(device, mode="fast", random_weights=True, options=options)
     kw = dict(prompt="a house", a_prompt="best quality", n_prompt="lowres", num_samples=1,

@@ -48,9 +48,10 @@ class FastOptions:
     vae_channels_last: bool = True
     cuda_graph: bool = True             # the whole step captured once per shape and replayed
     # The VAE decode (and the uint8 conversion) captured too, into the step graph's memory pool,
-    # where the step ran as a graph (not in low-VRAM mode: its VAE moves). Eager, the decode is
-    # ~185 launches from Python for ~2.6 ms of GPU work at 256². Not yet measured: off.
-    decode_graph: bool = False
+    # where the step ran as a graph (not in low-VRAM mode: its VAE moves). H100, one call
+    # (benchmarks/results/bench_h100_20261208_964ba92.md): 162.8 vs 165.6 ms at 512², 83.7 vs
+    # 87.4 ms at 256²; steady peak 2.77 vs 3.02 GiB (steady_peak.py), 2.97 vs 5.61 GiB at 768² x4.
+    decode_graph: bool = True
     two_streams: bool = True            # the ControlNet on a second stream beside the UNet encoder
     graph_cache_size: int = 3           # captured shapes kept (LRU), each with its memory pool
     nan_check: bool = True              # non-finite eps/latents/images: redo in fp32
